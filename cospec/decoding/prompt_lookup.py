@@ -1,0 +1,92 @@
+"""Prompt lookup: a model-free draft proposer that copies text the sequence has already seen.
+
+When the output repeats its input (code edits, quotes, summaries), the tokens after an earlier occurrence of the last
+few tokens are a good guess for what comes next. This is Hugging Face's ``prompt_lookup_num_tokens``
+(``PromptLookupCandidateGenerator``), vectorized over the context: one comparison per n-gram size, no Python loop over
+positions.
+
+Glossary:
+    context      the 1-D ``token_ids`` seen so far: prompt plus generated tokens.
+    pattern      the last ``n`` tokens of the context, the n-gram to look up.
+    match        a start index ``i`` with ``token_ids[i:i+n] == pattern``; the trailing pattern itself never counts,
+                 since nothing follows it.
+    continuation the up to ``num_draft_tokens`` tokens after a match, cut at the end of the context.
+    draft        the continuation returned; empty when no n-gram of any allowed size matches.
+
+Choice (as HF): the longest n-gram size with a match wins; among its matches, the first (leftmost) one.
+A match may overlap the pattern, so a run like ``a a a a`` drafts more ``a`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def find_ngram_draft(
+    token_ids: torch.Tensor,  # [num_tokens] int64
+    num_draft_tokens: int,
+    max_ngram_size: int = 3,
+    min_ngram_size: int = 1,
+) -> torch.Tensor:  # [<= num_draft_tokens] int64
+    """Return the tokens that followed the first earlier occurrence of the longest matching suffix n-gram."""
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    num_tokens = token_ids.shape[0]
+    empty = token_ids.new_empty(0)
+    if num_draft_tokens == 0:
+        return empty
+    # Candidate windows all start before the last n tokens, i.e. lie in token_ids[:-1]: exactly the windows
+    # that have at least one token after them (HF skips the others as empty continuations).
+    head = token_ids[:-1]  # [num_tokens - 1]
+    for ngram_size in range(min(max_ngram_size, num_tokens - 1), min_ngram_size - 1, -1):
+        start = _first_match(head, token_ids[-ngram_size:])
+        if start >= 0:
+            begin = start + ngram_size
+            return token_ids[begin : min(begin + num_draft_tokens, num_tokens)].clone()
+    return empty
+
+
+def _first_match(
+    head: torch.Tensor,  # [num_tokens - 1]
+    pattern: torch.Tensor,  # [ngram_size]
+) -> int:
+    """Leftmost i with head[i:i+n] == pattern, or -1."""
+    windows = head.unfold(0, pattern.shape[0], 1)  # [num_windows, ngram_size], a view
+    is_match = (windows == pattern).all(dim=1)  # [num_windows]
+    # argmax returns the first maximal index; check it is a real match (all False -> index 0).
+    first = int(torch.argmax(is_match.to(torch.uint8)))
+    return first if bool(is_match[first]) else -1
+
+
+class PromptLookupProposer:
+    """Proposes drafts by n-gram lookup in each sequence's own context.
+
+    Deterministic: a draft has no probabilities, so the verifier treats each draft token as proposed with
+    probability one (greedy acceptance against the target).
+    """
+
+    is_deterministic = True
+
+    def __init__(self, max_ngram_size: int = 3, min_ngram_size: int = 1):
+        if not isinstance(min_ngram_size, int) or min_ngram_size < 1:
+            raise ValueError(f"min_ngram_size must be an int >= 1, got {min_ngram_size!r}")
+        if not isinstance(max_ngram_size, int) or max_ngram_size < min_ngram_size:
+            raise ValueError(
+                f"max_ngram_size must be an int >= min_ngram_size ({min_ngram_size}), got {max_ngram_size!r}"
+            )
+        self.max_ngram_size = max_ngram_size
+        self.min_ngram_size = min_ngram_size
+
+    def propose(
+        self,
+        sequences: list[torch.Tensor],  # each [num_tokens_i] int64
+        num_draft_tokens: list[int],
+    ) -> list[torch.Tensor]:  # each [<= num_draft_tokens[i]] int64
+        if len(sequences) != len(num_draft_tokens):
+            raise ValueError(f"num_draft_tokens has {len(num_draft_tokens)} entries for {len(sequences)} sequences")
+        return [
+            find_ngram_draft(token_ids, k, self.max_ngram_size, self.min_ngram_size)
+            for token_ids, k in zip(sequences, num_draft_tokens)
+        ]

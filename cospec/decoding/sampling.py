@@ -1,0 +1,83 @@
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p.
+
+Terms:
+- processed probabilities: softmax(logits / temperature) restricted to the top-k tokens, then to the smallest set
+  whose mass reaches top-p, then to tokens with at least ``min_p * max_prob`` (the order Hugging Face applies its
+  warpers in), renormalized. Speculative verification applies the same processing to target and draft.
+- exponential race: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)`` i.i.d. is an exact sample from ``p``; drawing ``E``
+  from each request's own generator makes a request's samples independent of the batch it runs in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_probs(
+    logits: torch.Tensor,  # [num_rows, vocab_size]
+    temperature: torch.Tensor,  # [num_rows] > 0
+    top_k: torch.Tensor,  # [num_rows] int64, 0 = off
+    top_p: torch.Tensor,  # [num_rows] in (0, 1]
+    min_p: torch.Tensor,  # [num_rows] in [0, 1]
+) -> torch.Tensor:  # [num_rows, vocab_size] probabilities
+    logits = logits / temperature[:, None].to(logits.dtype)
+    vocab_size = logits.shape[-1]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+        kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [num_rows, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if bool((top_p < 1.0).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before > top_p[:, None].to(probs.dtype)  # keeps at least the most likely token
+        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if bool((min_p > 0.0).any()):
+        threshold = min_p[:, None].to(probs.dtype) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def exponential_noise(vocab_size: int, generators: list[torch.Generator], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """One row of Exp(1) noise per generator: ``[len(generators), vocab_size]``, each drawn from its own generator."""
+    noise = torch.empty(len(generators), vocab_size, dtype=dtype)
+    for row, generator in zip(noise, generators):
+        row.exponential_(generator=generator)
+    return noise.to(device)
+
+
+def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Exponential race: an exact sample from each row of ``probs`` given its ``noise`` row. ``[num_rows]`` int64."""
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Samples one token per row, each row with its own parameters and generator (None = greedy)."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_rows, vocab_size]
+        temperature: list[float],
+        top_k: list[int],
+        top_p: list[float],
+        min_p: list[float],
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:  # [num_rows] int64
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, g in enumerate(generators) if g is not None]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            float_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            probs = process_probs(
+                logits[rows].to(float_dtype),
+                torch.tensor([temperature[i] for i in sampled_rows], device=logits.device),
+                torch.tensor([top_k[i] for i in sampled_rows], device=logits.device),
+                torch.tensor([top_p[i] for i in sampled_rows], device=logits.device),
+                torch.tensor([min_p[i] for i in sampled_rows], device=logits.device),
+            )
+            noise = exponential_noise(logits.shape[-1], [generators[i] for i in sampled_rows], float_dtype, logits.device)
+            tokens[rows] = sample_from_probs(probs, noise)
+        return tokens

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from cospec.kernels import store_kv_kernel as store_kv_mod
+
+triton = pytest.importorskip("triton")
+
+_SHAPE_PARAMS = [  # (num_tokens, num_kv_heads, head_dim, num_slots)
+    (1, 1, 8, 16),
+    (7, 3, 64, 64),
+    (33, 2, 24, 128),  # odd head_dim: row size not a power of two
+]
+_DTYPE_PARAMS = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_tokens,heads,dim,num_slots", _SHAPE_PARAMS)
+@pytest.mark.parametrize("dtype", _DTYPE_PARAMS)
+def test_store_kv_matches_reference(num_tokens, heads, dim, num_slots, dtype):
+    gen = torch.Generator().manual_seed(num_tokens * 131 + dim)
+    key = torch.randn(num_tokens, heads, dim, generator=gen).to(dtype)
+    value = torch.randn(num_tokens, heads, dim, generator=gen).to(dtype)
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens].to(torch.int64)
+    slots[::5] = -1  # padding tokens are not stored
+    caches = [torch.zeros(num_slots, heads, dim, dtype=dtype) for _ in range(4)]
+    store_kv_mod.store_kv(key, value, caches[0], caches[1], slots)
+    store_kv_mod.store_kv_ref(key, value, caches[2], caches[3], slots)
+    torch.testing.assert_close(caches[0], caches[2], rtol=0, atol=0)
+    torch.testing.assert_close(caches[1], caches[3], rtol=0, atol=0)
+    written = slots[slots >= 0]
+    assert torch.equal(caches[2][written], key[slots >= 0])
+
+
+def test_store_kv_non_contiguous_key():
+    key = torch.randn(5, 4, 2, 16).select(2, 1)  # [5, 4, 16] with a gap between heads
+    value = torch.randn(5, 4, 16)
+    slots = torch.tensor([3, 0, 9, 4, 1])
+    a = [torch.zeros(10, 4, 16) for _ in range(4)]
+    store_kv_mod.store_kv(key, value, a[0], a[1], slots)
+    store_kv_mod.store_kv_ref(key, value, a[2], a[3], slots)
+    assert torch.equal(a[0], a[2]) and torch.equal(a[1], a[3])
+
+
+def test_store_kv_rejects_bad_shapes():
+    key = torch.randn(3, 2, 8)
+    cache = torch.zeros(8, 2, 8)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kv_mod.store_kv_ref(key, key, cache, cache, torch.tensor([0, 1], dtype=torch.int64))
+    with pytest.raises(ValueError, match="caches"):
+        store_kv_mod.store_kv_ref(key, key, torch.zeros(8, 3, 8), torch.zeros(8, 3, 8), torch.arange(3))
