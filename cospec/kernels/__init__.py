@@ -1,0 +1,76 @@
+"""Kernels: one file per op, each with a Triton kernel, a checking launcher and a pure-torch reference.
+
+This module is the single device seam of cospec: the public functions below run the Triton kernel on CUDA
+tensors (when Triton is importable) and the torch reference everywhere else. Set ``COSPEC_DISABLE_TRITON=1``
+to force the references on a GPU as well (useful when bisecting a numerical difference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s op should run as a Triton kernel rather than its torch reference."""
+    return tensor.is_cuda and HAS_TRITON and os.environ.get("COSPEC_DISABLE_TRITON", "0") != "1"
+
+
+def backend_name(device: torch.device | str = "cuda") -> str:
+    """Which implementation kernels take on ``device``: 'triton' or 'torch-reference'."""
+    device = torch.device(device)
+    if device.type == "cuda" and HAS_TRITON and os.environ.get("COSPEC_DISABLE_TRITON", "0") != "1":
+        return "triton"
+    return "torch-reference"
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Write each token's key and value into its cache slot (in place)."""
+    from cospec.kernels import store_kv_kernel as _mod
+
+    if use_triton(key):
+        _mod.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        _mod.store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+def verify_greedy(
+    target_argmax: torch.Tensor,  # [num_drafts_total + batch] int64
+    draft_token_ids: torch.Tensor,  # [num_drafts_total] int64
+    cu_num_draft_tokens: torch.Tensor,  # [batch + 1] int64
+    max_k: int,
+) -> torch.Tensor:  # [batch, max_k + 1] int64, padded with -1
+    """Accept drafts while they equal the target's argmax, then emit the target's token (recovered or bonus)."""
+    from cospec.kernels import verify_greedy_kernel as _mod
+
+    if use_triton(target_argmax):
+        return _mod.verify_greedy(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
+    return _mod.verify_greedy_ref(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,  # [num_drafts_total + batch, vocab_size]
+    draft_probs: torch.Tensor | None,  # [num_drafts_total, vocab_size], None for a deterministic proposer
+    draft_token_ids: torch.Tensor,  # [num_drafts_total] int64
+    cu_num_draft_tokens: torch.Tensor,  # [batch + 1] int64
+    uniform: torch.Tensor,  # [num_drafts_total] in [0, 1)
+    exp_noise: torch.Tensor,  # [num_drafts_total + batch, vocab_size] ~ Exp(1)
+    max_k: int,
+) -> torch.Tensor:  # [batch, max_k + 1] int64, padded with -1
+    """Speculative rejection sampling: accepted drafts, then a recovered or bonus token distributed as the target's."""
+    from cospec.kernels import rejection_sample_kernel as _mod
+
+    args = (target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, uniform, exp_noise, max_k)
+    if use_triton(target_probs):
+        return _mod.rejection_sample(*args)
+    return _mod.rejection_sample_ref(*args)
