@@ -84,7 +84,7 @@ def test_num_draft_tokens_respected():
 
 def test_zero_draft_tokens_gives_empty():
     assert _draft([1, 2, 1, 2], 0) == []
-    assert PromptLookupProposer().propose([_ids(1, 2, 1, 2)], [0])[0].numel() == 0
+    assert PromptLookupProposer().propose_tensors([_ids(1, 2, 1, 2)], [0])[0].numel() == 0
 
 
 def test_draft_is_a_copy_not_a_view():
@@ -98,7 +98,7 @@ def test_proposer_batches_ragged_sequences():
     proposer = PromptLookupProposer(max_ngram_size=2)
     assert proposer.is_deterministic
     sequences = [_ids(1, 2, 3, 1, 2), _ids(4, 5, 6), _ids(7, 7, 7, 7, 7), _ids(1, 2, 3, 1, 2)]
-    drafts = proposer.propose(sequences, [3, 3, 2, 0])
+    drafts = proposer.propose_tensors(sequences, [3, 3, 2, 0])
     assert [d.tolist() for d in drafts] == [[3, 1, 2], [], [7, 7], []]
 
 
@@ -158,8 +158,17 @@ def test_proposer_rejects_bad_arguments(kwargs, name):
 
 def test_bad_call_arguments_rejected():
     with pytest.raises(ValueError, match="num_draft_tokens"):
-        PromptLookupProposer().propose([_ids(1, 2)], [1, 2])
+        PromptLookupProposer().propose_tensors([_ids(1, 2)], [1, 2])
     with pytest.raises(ValueError, match="num_draft_tokens"):
         find_ngram_draft(_ids(1, 2), -1)
     with pytest.raises(ValueError, match="token_ids"):
         find_ngram_draft(torch.zeros(2, 3, dtype=torch.int64), 1)
+
+
+def test_proposer_interface_takes_draft_requests():
+    from cospec.decoding.protocols import DraftRequest
+
+    drafts = PromptLookupProposer(max_ngram_size=2).propose(
+        [DraftRequest(0, [1, 2, 3, 1, 2], 3), DraftRequest(1, [4, 5, 6], 2), DraftRequest(2, [7, 7, 7], 0)])
+    assert [d.token_ids for d in drafts] == [[3, 1, 2], [], []]
+    assert all(d.probs is None for d in drafts)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from cospec.decoding.protocols import Draft, DraftRequest
+
 
 def find_ngram_draft(
     token_ids: torch.Tensor,  # [num_tokens] int64
@@ -79,7 +81,16 @@ class PromptLookupProposer:
         self.max_ngram_size = max_ngram_size
         self.min_ngram_size = min_ngram_size
 
-    def propose(
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """The ``Proposer`` interface: one draft (possibly shorter than asked, or empty) per request."""
+        drafts = self.propose_tensors([torch.tensor(r.token_ids, dtype=torch.int64) for r in requests],
+                                      [r.num_draft_tokens for r in requests])
+        return [Draft(d.tolist()) for d in drafts]
+
+    def release(self, seq_id: int) -> None:
+        """Stateless: nothing to forget."""
+
+    def propose_tensors(
         self,
         sequences: list[torch.Tensor],  # each [num_tokens_i] int64
         num_draft_tokens: list[int],

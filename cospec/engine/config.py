@@ -36,3 +36,37 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec")
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Which proposer drafts tokens, and how many at most per step."""
+
+    method: str
+    num_draft_tokens: int = 8
+    """Most drafts per sequence per step (k)."""
+    adaptive: bool = True
+    """Choose k per sequence and step from acceptance history and measured step costs (up to num_draft_tokens)."""
+    draft_model: object = None
+    """method='draft': a HF causal LM (or a path / embedded name) on the target's vocabulary and device."""
+    max_ngram_size: int = 3
+    min_ngram_size: int = 1
+    self_spec_layers: int | None = None
+    """method='self_spec': the draft is the target's first ``self_spec_layers`` layers + final norm + LM head."""
+    draft_confidence: float = 0.0
+    """method='draft': stop a sequence's draft where the draft's top probability falls below this."""
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATION_METHODS:
+            raise ValueError(f"unknown speculation method {self.method!r}; choose one of {', '.join(SPECULATION_METHODS)}")
+        if not isinstance(self.num_draft_tokens, int) or not 1 <= self.num_draft_tokens <= 64:
+            raise ValueError(f"num_draft_tokens must be an integer in [1, 64], got {self.num_draft_tokens!r}")
+        if self.method == "draft" and self.draft_model is None:
+            raise ValueError("method='draft' needs draft_model")
+        if self.method == "self_spec" and (not isinstance(self.self_spec_layers, int) or self.self_spec_layers < 1):
+            raise ValueError(f"method='self_spec' needs self_spec_layers >= 1, got {self.self_spec_layers!r}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence!r}")

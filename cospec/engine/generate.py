@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from cospec.engine.config import EngineConfig
+from cospec.engine.config import EngineConfig, SpeculativeConfig
 from cospec.engine.llm_engine import LLMEngine
 from cospec.engine.sampling_params import SamplingParams
 
@@ -37,7 +37,8 @@ _SUPPORTED = {
     "min_p", "eos_token_id", "pad_token_id", "bos_token_id", "return_dict_in_generate", "use_cache",
     "cache_implementation", "decoder_start_token_id", "is_assistant", "disable_compile", "compile_config",
     "early_stopping", "length_penalty", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "assistant_lookbehind", "target_lookbehind", "num_assistant_tokens",
+    "assistant_lookbehind", "target_lookbehind", "num_assistant_tokens", "prompt_lookup_num_tokens",
+    "max_matching_ngram_size", "assistant_early_exit",
     "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
 }
 
@@ -59,7 +60,8 @@ def _check_supported(config) -> None:
             raise UnsupportedArgumentError(
                 f"generate() argument {name}={value!r} is not supported by cospec "
                 f"(supported: max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, min_p, "
-                f"eos_token_id, pad_token_id, streamer, return_dict_in_generate)")
+                f"eos_token_id, pad_token_id, streamer, return_dict_in_generate, assistant_model, "
+                f"prompt_lookup_num_tokens, assistant_early_exit, num_assistant_tokens)")
 
 
 def _prompts_from_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
@@ -79,8 +81,14 @@ def _prompts_from_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             generation_config=None, streamer=None, **kwargs):
-    """Hugging Face ``model.generate`` semantics on cospec's engine (greedy and sampling, batch >= 1)."""
+             generation_config=None, streamer=None, assistant_model: nn.Module | None = None, **kwargs):
+    """Hugging Face ``model.generate`` semantics on cospec's engine (greedy and sampling, batch >= 1).
+
+    Speculative decoding takes HF's names, at any batch size: ``assistant_model=`` (a draft model),
+    ``prompt_lookup_num_tokens=k`` (n-gram lookup, ``max_matching_ngram_size`` long), ``assistant_early_exit=L``
+    (self-speculation from the first L layers); ``num_assistant_tokens`` caps the draft length (default 8; cospec
+    adapts it per sequence and step).
+    """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -114,6 +122,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         top_k=0 if greedy else int(_resolve(config, "top_k") or 0), top_p=1.0 if greedy else float(_resolve(config, "top_p")),
         min_p=0.0 if greedy else float(config.min_p or 0.0), stop_token_ids=eos_ids, ignore_eos=True,
     )
+    speculative = _speculative_config(config, assistant_model)
     if streamer is not None and len(prompts) > 1:
         raise ValueError("streamer supports batch size 1 only (as in Hugging Face)")
 
@@ -122,7 +131,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     engine = LLMEngine(model, EngineConfig(
         block_size=block_size, num_kv_blocks=sum(-(-(len(p) + max_new) // block_size) for p in prompts),
         max_num_seqs=len(prompts), max_num_batched_tokens=max(512, len(prompts)), max_model_len=_context_len(model, longest),
-    ))
+    ), speculative=speculative)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     if streamer is not None:
@@ -148,6 +157,23 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
 
         return GenerateDecoderOnlyOutput(sequences=sequences)
     return sequences
+
+
+def _speculative_config(config, assistant_model) -> SpeculativeConfig | None:
+    methods = {"assistant_model": assistant_model is not None,
+               "prompt_lookup_num_tokens": bool(config.prompt_lookup_num_tokens),
+               "assistant_early_exit": bool(config.assistant_early_exit)}
+    chosen = [name for name, on in methods.items() if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
+    if not chosen:
+        return None
+    k = config.prompt_lookup_num_tokens or config.num_assistant_tokens or 8
+    if chosen[0] == "assistant_model":
+        return SpeculativeConfig("draft", num_draft_tokens=k, draft_model=assistant_model)
+    if chosen[0] == "assistant_early_exit":
+        return SpeculativeConfig("self_spec", num_draft_tokens=k, self_spec_layers=config.assistant_early_exit)
+    return SpeculativeConfig("prompt_lookup", num_draft_tokens=k, max_ngram_size=config.max_matching_ngram_size or 2)
 
 
 def _context_len(model: nn.Module, needed: int) -> int:

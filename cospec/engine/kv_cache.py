@@ -20,16 +20,19 @@ def kv_layout(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, num_kv_heads, head_dim
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    num_layers, num_kv_heads, head_dim = kv_layout(config)
+def kv_bytes_per_token(config, dtype: torch.dtype, num_layers: int | None = None) -> int:
+    all_layers, num_kv_heads, head_dim = kv_layout(config)
+    num_layers = num_layers or all_layers
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCachePool:
     """Key and value pools of every layer of one model."""
 
-    def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        num_layers, num_kv_heads, head_dim = kv_layout(config)
+    def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 num_layers: int | None = None) -> None:
+        all_layers, num_kv_heads, head_dim = kv_layout(config)
+        num_layers = num_layers or all_layers
         num_slots = num_blocks * block_size
         # One allocation per kind; per-layer views keep indexing cheap. Empty: a slot is always written before read.
         self._k = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)

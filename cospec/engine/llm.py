@@ -7,7 +7,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from tqdm.auto import tqdm
 
-from cospec.engine.config import EngineConfig
+from cospec.engine.config import EngineConfig, SpeculativeConfig
 from cospec.engine.llm_engine import LLMEngine
 from cospec.engine.models import DEFAULT_MODEL
 from cospec.engine.sampling_params import SamplingParams
@@ -17,13 +17,20 @@ from cospec.engine.sequence import RequestOutput
 class LLM:
     """``LLM(model="smollm2-135m").generate(["Hello"], SamplingParams(max_tokens=32))``.
 
-    ``model`` is a HF model object, a directory, a .gguf file or an embedded model name. Engine options
-    (``block_size``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ...) are ``EngineConfig`` fields.
+    ``model`` is a HF model object, a directory, a .gguf file or an embedded model name. Speculative decoding: one
+    of ``draft=`` (a model object, path or name with the same vocabulary), ``prompt_lookup=N`` (n-gram lookup with
+    n-grams up to N tokens) or ``self_spec_layers=L`` (the target's first L layers draft), with up to
+    ``num_draft_tokens`` drafts per step; or a full ``SpeculativeConfig``. Engine options (``block_size``,
+    ``kv_cache_memory_bytes``, ``max_num_seqs``, ...) are ``EngineConfig`` fields.
     """
 
     def __init__(self, model=DEFAULT_MODEL, tokenizer=None, dtype: torch.dtype | str | None = None,
-                 device: str | torch.device | None = None, **engine_options) -> None:
-        self.engine = LLMEngine(model, EngineConfig(**engine_options), tokenizer=tokenizer, dtype=dtype, device=device)
+                 device: str | torch.device | None = None, draft=None, prompt_lookup: int | None = None,
+                 self_spec_layers: int | None = None, num_draft_tokens: int = 8,
+                 speculative: SpeculativeConfig | None = None, **engine_options) -> None:
+        speculative = speculative or _speculative_config(draft, prompt_lookup, self_spec_layers, num_draft_tokens)
+        self.engine = LLMEngine(model, EngineConfig(**engine_options), tokenizer=tokenizer, dtype=dtype, device=device,
+                                speculative=speculative)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
@@ -68,3 +75,17 @@ class LLM:
             for out in outputs:
                 out.text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
         return outputs
+
+
+def _speculative_config(draft, prompt_lookup, self_spec_layers, num_draft_tokens) -> SpeculativeConfig | None:
+    chosen = [name for name, value in (("draft", draft), ("prompt_lookup", prompt_lookup),
+                                       ("self_spec_layers", self_spec_layers)) if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
+    if draft is not None:
+        return SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
+    if prompt_lookup is not None:
+        return SpeculativeConfig("prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram_size=prompt_lookup)
+    if self_spec_layers is not None:
+        return SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
+    return None

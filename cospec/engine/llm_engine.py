@@ -1,7 +1,9 @@
-"""LLMEngine: requests in, tokens out, one scheduled ragged forward per step.
+"""LLMEngine: requests in, tokens out, one scheduled ragged forward of the target per step.
 
-``step()`` reads top to bottom: schedule, run the model, sample, postprocess. Every KV cache belongs to the engine
-(a paged pool per model, one block table per sequence), allocated once at start-up within a memory budget.
+``step()`` reads top to bottom: schedule, propose drafts, run the target over prefill chunks and verify windows,
+verify (accept drafts, add the target's token), postprocess. Plain decoding is the case of windows without drafts.
+Every KV cache belongs to the engine (a paged pool per model, one block table per sequence shared by the target
+and the draft), allocated once at start-up within a memory budget.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import time
 import torch
 from torch import nn
 
-from cospec.decoding.sampling import Sampler
+from cospec.decoding.draft_length import DraftLengthPolicy
+from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
+from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
+from cospec.decoding.verification import WindowParams, verify
 from cospec.engine.block_manager import BlockManager
-from cospec.engine.config import EngineConfig
+from cospec.engine.config import EngineConfig, SpeculativeConfig
 from cospec.engine.kv_cache import kv_bytes_per_token
-from cospec.engine.model_runner import ForwardItem, ModelRunner
+from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
 from cospec.engine.sequence import RequestOutput, Sequence, SequenceStatus
@@ -27,7 +32,8 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 class LLMEngine:
     def __init__(self, model: nn.Module | str, config: EngineConfig | None = None, tokenizer=None,
-                 dtype: torch.dtype | str | None = None, device: str | torch.device | None = None) -> None:
+                 dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:
         if isinstance(model, str):
             from cospec.engine.models import load_model
 
@@ -41,16 +47,47 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         kv_dtype = next(model.parameters()).dtype
-        num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(text_config, kv_dtype)
+        self.speculative = speculative
+        draft_model, draft_layers = self._draft_source(speculative, dtype, tokenizer)
+        kv_per_token = kv_bytes_per_token(text_config, kv_dtype)
+        if draft_model is not None:
+            kv_per_token += kv_bytes_per_token(draft_model.config.get_text_config(), kv_dtype, draft_layers)
+        num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler()
+        self.proposer = None
+        self.draft_policy = None
+        if speculative is not None:
+            if speculative.method == "prompt_lookup":
+                self.proposer = PromptLookupProposer(speculative.max_ngram_size, speculative.min_ngram_size)
+            else:
+                draft_runner = ModelRunner(draft_model, self.block_manager, num_blocks, kv_dtype,
+                                           config.fast_cpu_linear, num_layers=draft_layers)
+                self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence)
+            self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive)
+            self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
 
-    def _num_blocks_for_budget(self, text_config, dtype: torch.dtype) -> int:
-        per_block = kv_bytes_per_token(text_config, dtype) * self.config.block_size
+    def _draft_source(self, speculative: SpeculativeConfig | None, dtype, tokenizer) -> tuple[nn.Module | None, int | None]:
+        """(model that drafts, number of its layers used) for model-based speculation; (None, None) otherwise."""
+        if speculative is None or speculative.method == "prompt_lookup":
+            return None, None
+        if speculative.method == "self_spec":
+            return self.model, speculative.self_spec_layers
+        draft = speculative.draft_model
+        draft_tokenizer = None
+        if isinstance(draft, str):
+            from cospec.engine.models import load_model
+
+            draft, draft_tokenizer = load_model(draft, dtype=dtype or next(self.model.parameters()).dtype,
+                                                device=next(self.model.parameters()).device)
+        check_same_vocabulary(self.model, draft, tokenizer, draft_tokenizer)
+        return draft.eval(), None
+
+    def _num_blocks_for_budget(self, kv_per_token: int) -> int:
+        per_block = kv_per_token * self.config.block_size
         budget = self.config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
         # Never more than every sequence at full length needs.
         wanted = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
@@ -100,31 +137,88 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the requests that got new tokens (finished ones included)."""
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self._draft_lengths())
         if not scheduled:
             return []
-        items = [ForwardItem(s.seq.seq_id, s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens],
-                             s.seq.num_computed_tokens, int(self._completes(s))) for s in scheduled]
+        windows = [s for s in scheduled if self._completes(s)]  # sequences that emit tokens this step
+        drafts = self._propose(windows)
+        items = [ForwardItem(s.seq.seq_id,
+                             s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens] + d.token_ids,
+                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0)
+                 for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
+        start = time.perf_counter()
         logits = self.runner.forward(items)
-        sampling = [s.seq for s in scheduled if self._completes(s)]
-        tokens = self._sample(sampling, logits).tolist() if sampling else []
+        if self.draft_policy is not None:
+            self.draft_policy.costs.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
+        emitted = self._verify([s.seq for s in windows], drafts, logits) if windows else []
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
-        return [self._append(seq, [token]) for seq, token in zip(sampling, tokens)]
+        return [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
 
     @staticmethod
     def _completes(s: ScheduledSeq) -> bool:
         """Whether this step feeds the sequence's last token (so its next token can be sampled)."""
         return s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and seq.stop_ids:
-                logits[row, list(seq.stop_ids)] = float("-inf")
-        return self.sampler(logits, [s.params.temperature for s in seqs], [s.params.top_k for s in seqs],
-                            [s.params.top_p for s in seqs], [s.params.min_p for s in seqs],
-                            [s.generator for s in seqs])
+    def _draft_lengths(self) -> dict[int, int]:
+        if self.draft_policy is None:
+            return {}
+        decoding = [s.seq_id for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefill = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.running) - len(decoding)
+        return self.draft_policy.choose(decoding, prefill)
+
+    def _propose(self, windows: list[ScheduledSeq]) -> list[Draft]:
+        """Drafts for each emitting sequence (empty without speculation or where k = 0)."""
+        if self.proposer is None or not any(s.num_draft_tokens for s in windows):
+            return [Draft([]) for _ in windows]
+        start = time.perf_counter()
+        requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params.temperature,
+                                 s.seq.params.top_k, s.seq.params.top_p, s.seq.params.min_p, s.seq.generator)
+                    for s in windows]
+        drafts = self.proposer.propose(requests)
+        # A draft never runs past the request's token limit or the context.
+        for s, d in zip(windows, drafts):
+            room = min(s.seq.params.max_tokens - s.seq.num_output_tokens, self.max_model_len - s.seq.num_tokens) - 1
+            if len(d.token_ids) > max(room, 0):
+                d.token_ids = d.token_ids[: max(room, 0)]
+                d.probs = None if d.probs is None else d.probs[: len(d.token_ids)]
+        self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - start)
+        return drafts
+
+    @staticmethod
+    def _drafts_for(scheduled: list[ScheduledSeq], windows: list[ScheduledSeq], drafts: list[Draft]) -> list[Draft]:
+        by_seq = {s.seq.seq_id: d for s, d in zip(windows, drafts)}
+        return [by_seq.get(s.seq.seq_id, Draft([])) for s in scheduled]
+
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> list[list[int]]:
+        row = 0
+        for seq, d in zip(seqs, drafts):
+            for j in range(len(d.token_ids) + 1):  # min_tokens: no stop token before the minimum
+                if seq.num_output_tokens + j < seq.params.min_tokens and seq.stop_ids:
+                    logits[row + j, list(seq.stop_ids)] = float("-inf")
+            row += len(d.token_ids) + 1
+        params = [WindowParams(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.generator)
+                  for s in seqs]
+        return verify(logits, [d.token_ids for d in drafts], [d.probs for d in drafts], params)
+
+    def _accept(self, seq: Sequence, draft: Draft, tokens: list[int]) -> RequestOutput:
+        """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
+        num_accepted = len(tokens) - 1
+        seq.num_computed_tokens += num_accepted
+        self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)  # also returns blocks of unused draft room
+        if draft.token_ids:
+            stats = seq.stats
+            stats.num_drafted_tokens += len(draft.token_ids)
+            stats.num_accepted_tokens += num_accepted
+            if len(stats.acceptance_histogram) <= len(draft.token_ids):
+                stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
+            stats.acceptance_histogram[num_accepted] += 1
+        if isinstance(self.proposer, ModelDraftProposer):
+            self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
+        if self.draft_policy is not None:
+            self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
+        return self._append(seq, tokens)
 
     def _append(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
         """Append new tokens, cutting at a stop token, max_tokens or the context; finish the sequence if done."""

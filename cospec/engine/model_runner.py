@@ -16,32 +16,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.cpu_linear import cpu_linears, fast_cpu_linears
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 
-@dataclass(slots=True)
-class ForwardItem:
-    """One sequence's part of a forward: feed ``token_ids`` at positions ``start_pos..``; return logits of the
-    last ``num_logits`` of them."""
-
-    seq_id: int
-    token_ids: list[int]
-    start_pos: int
-    num_logits: int
-
-
 class ModelRunner:
     def __init__(self, model: nn.Module, block_manager: BlockManager, num_blocks: int, dtype: torch.dtype,
-                 fast_cpu_linear: bool = True) -> None:
+                 fast_cpu_linear: bool = True, num_layers: int | None = None) -> None:
+        """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft."""
         attention.register()
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.device = next(model.parameters()).device
         self.block_manager = block_manager
-        self.pool = KVCachePool(self.config, num_blocks, block_manager.block_size, dtype, self.device)
+        self.num_layers = num_layers
+        if num_layers is not None:
+            _check_layer_skipping(model, num_layers)
+        self.pool = KVCachePool(self.config, num_blocks, block_manager.block_size, dtype, self.device, num_layers)
         self.cache = PagedCache(self.pool)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -110,11 +104,26 @@ class ModelRunner:
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
+        all_layers = self.config.num_hidden_layers
+        if self.num_layers is not None:
+            self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
             with fast_cpu_linears(self._linears):
                 yield
         finally:
             config._attn_implementation = previous
+            self.config.num_hidden_layers = all_layers
+
+
+def _check_layer_skipping(model: nn.Module, num_layers: int) -> None:
+    total = model.config.get_text_config().num_hidden_layers
+    if not 1 <= num_layers < total:
+        raise ValueError(f"self-speculation needs 1 <= layers < {total} (the model's depth), got {num_layers}")
+    decoder = getattr(model, "model", None)
+    source = inspect.getsource(type(decoder).forward) if decoder is not None else ""
+    if "[: self.config.num_hidden_layers]" not in source:
+        raise ValueError(f"self-speculation is not supported for {type(model).__name__}: its decoder does not "
+                         "loop over config.num_hidden_layers layers")
 
 
 @dataclass(slots=True)

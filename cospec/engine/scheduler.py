@@ -31,6 +31,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.release_hooks: list = []  # called with seq_id whenever a sequence's cache is dropped
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,7 +84,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.stats.num_preemptions += 1
@@ -94,5 +95,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.seq_id)
+        for hook in self.release_hooks:
+            hook(seq.seq_id)

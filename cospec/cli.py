@@ -1,0 +1,167 @@
+"""The ``cospec`` command: ``cospec generate "PROMPT"`` streams a completion, ``cospec info`` describes the setup.
+
+Flags map one to one onto ``SamplingParams`` fields (``--max-tokens`` -> ``max_tokens``) and ``load_model``
+arguments. A failure the user can fix (a missing model, a bad flag value) prints one line to stderr and exits 2;
+set ``COSPEC_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+
+EXIT_USAGE = 2
+
+# SamplingParams fields that `generate` exposes as flags of the same name.
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cospec", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="stream a completion of PROMPT to stdout")
+    gen.add_argument("prompt", help="the prompt (a user message when the tokenizer has a chat template)")
+    gen.add_argument("--model", default="smollm2-135m", help="embedded model name, model directory or .gguf file")
+    gen.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16, float64)")
+    gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as plain text")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=128, help="most new tokens")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
+    sampling.add_argument("--seed", type=int, default=None, help="seed of the request's random generator")
+    # Speculative decoding: one add_argument per proposer (--draft MODEL, --prompt-lookup N, --self-spec L).
+    gen.add_argument_group("speculative decoding")
+    gen.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="print versions, the device and the kernel backends")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI edge: one line for the user, not a traceback
+        if os.environ.get("COSPEC_DEBUG", "0") == "1":
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"cospec: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from cospec.engine.llm import LLM
+    from cospec.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(**{name: getattr(args, name) for name in _SAMPLING_FIELDS})
+    if not hasattr(torch, args.dtype) or not isinstance(getattr(torch, args.dtype), torch.dtype):
+        raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
+    _quiet_transformers()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1)
+    engine, tokenizer = llm.engine, llm.tokenizer
+    prompt_ids = llm.encode(args.prompt, chat=None if args.chat else False)
+    engine.add_request("cli", prompt_ids, params)
+
+    out, printed = None, ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            printed = _stream(tokenizer.decode(out.output_token_ids, skip_special_tokens=True), printed, out.finished)
+    print(flush=True)
+
+    stats = out.stats
+    elapsed = stats.finish_time - stats.arrival_time
+    ttft = stats.time_to_first_token
+    print(f"{stats.num_output_tokens} tokens in {elapsed:.2f} s ({stats.num_output_tokens / elapsed:.1f} tokens/s), "
+          f"time to first token {ttft * 1000:.0f} ms, prompt {stats.num_prompt_tokens} tokens, "
+          f"finish reason {out.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """Keep stderr for the stats line: no weight-loading progress bars."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _stream(text: str, printed: str, finished: bool) -> str:
+    """Write the part of ``text`` not yet on stdout; return what is now printed.
+
+    Decoding all output ids each step (rather than token by token) keeps pieces that span tokens intact; a
+    trailing U+FFFD is an incomplete UTF-8 sequence, held back until the next token completes it."""
+    if not finished:
+        text = text.rstrip("\ufffd")
+    if text.startswith(printed):
+        sys.stdout.write(text[len(printed):])
+    else:  # a later token changed the decoding of earlier ones (rare): print the rest from where they differ
+        common = os.path.commonprefix([text, printed])
+        sys.stdout.write(text[len(common):])
+    sys.stdout.flush()
+    return text
+
+
+# ---- info --------------------------------------------------------------------------------------------------
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, str]:
+    """Versions, the device and the kernel backends, as ``cospec info`` prints them (benchmarks record it too)."""
+    import torch
+
+    import cospec
+    from cospec.kernels import backend_name
+
+    return {
+        "cospec": cospec.__version__,
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "threads": str(torch.get_num_threads()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "kernels (cpu)": backend_name("cpu"),
+        "kernels (cuda)": backend_name("cuda"),
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    rows = environment()
+    width = max(map(len, rows))
+    for name, value in rows.items():
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Draft proposers: where the k tokens that the target verifies come from.
+
+- ``ModelDraftProposer``: a smaller causal LM with the target's vocabulary (or the target's own first layers, for
+  self-speculation), run through a ``Runner`` over its own paged KV cache. It catches up on the tokens it has not
+  seen, then drafts autoregressively, batched over all requests. Rejected drafts are rolled back by lowering the
+  sequence's draft length; the pages are shared with the target's block table.
+- ``PromptLookupProposer`` (``cospec.decoding.prompt_lookup``): copies the continuation of an earlier n-gram match.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cospec.decoding.prompt_lookup import PromptLookupProposer
+from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner
+from cospec.decoding.sampling import exponential_noise, process_probs, sample_from_probs
+
+__all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
+
+
+def check_same_vocabulary(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
+    """Raise ValueError unless target and draft models share a vocabulary (and a device)."""
+    t_vocab = target.get_output_embeddings().weight.shape[0]
+    d_vocab = draft.get_output_embeddings().weight.shape[0]
+    if t_vocab != d_vocab:
+        raise ValueError(f"the draft model's vocabulary ({d_vocab} tokens) differs from the target's ({t_vocab}); "
+                         "speculative decoding needs one shared vocabulary")
+    if target_tokenizer is not None and draft_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ValueError("the draft tokenizer's vocabulary differs from the target's")
+    t_device = next(target.parameters()).device
+    d_device = next(draft.parameters()).device
+    if t_device != d_device:
+        raise ValueError(f"the draft model is on {d_device} but the target is on {t_device}; put both on one device")
+
+
+class ModelDraftProposer:
+    is_deterministic = False
+
+    def __init__(self, runner: Runner, min_confidence: float = 0.0) -> None:
+        self.runner = runner
+        self.min_confidence = min_confidence  # stop a draft where the draft model's top probability is lower
+        self.num_cached: dict[int, int] = {}  # seq_id -> tokens whose K/V are in the draft cache
+
+    def release(self, seq_id: int) -> None:
+        self.num_cached.pop(seq_id, None)
+
+    def rollback(self, seq_id: int, num_valid_tokens: int) -> None:
+        """After verification only the first ``num_valid_tokens`` tokens of the sequence are known good."""
+        if seq_id in self.num_cached:
+            self.num_cached[seq_id] = min(self.num_cached[seq_id], num_valid_tokens)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        drafts = [Draft([], [] if r.generator is not None else None) for r in requests]
+        active = [i for i, r in enumerate(requests) if r.num_draft_tokens > 0]
+        # First pass: feed everything the draft has not seen (at least the last token); then one token per pass.
+        feeds = {}
+        for i in active:
+            r = requests[i]
+            start = self.num_cached.get(r.seq_id, 0)
+            feeds[i] = (r.token_ids[start:], start)
+        while active:
+            items = [ForwardItem(requests[i].seq_id, feeds[i][0], feeds[i][1], 1) for i in active]
+            logits = self.runner.forward(items)  # [len(active), vocab]
+            tokens, probs = self._sample(logits, [requests[i] for i in active])
+            confident = ((torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= self.min_confidence).tolist()
+                         if self.min_confidence > 0 else [True] * len(active))
+            still = []
+            for row, i in enumerate(active):
+                r, (fed, start) = requests[i], feeds[i]
+                self.num_cached[r.seq_id] = start + len(fed)
+                drafts[i].token_ids.append(tokens[row])
+                if probs is not None and r.generator is not None:
+                    drafts[i].probs.append(probs[row])
+                if len(drafts[i].token_ids) < r.num_draft_tokens and confident[row]:
+                    feeds[i] = ([tokens[row]], start + len(fed))
+                    still.append(i)
+            active = still
+        for d in drafts:
+            if isinstance(d.probs, list):
+                d.probs = torch.stack(d.probs) if d.probs else None
+        return drafts
+
+    def _sample(self, logits: torch.Tensor, requests: list[DraftRequest]) -> tuple[list[int], torch.Tensor | None]:
+        tokens = logits.argmax(dim=-1)
+        sampled = [j for j, r in enumerate(requests) if r.generator is not None]
+        if not sampled:
+            return tokens.tolist(), None
+        float_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        rows = torch.tensor(sampled, device=logits.device)
+        sub = [requests[j] for j in sampled]
+        dev = logits.device
+        q = process_probs(logits[rows].to(float_dtype),
+                          torch.tensor([r.temperature for r in sub], device=dev),
+                          torch.tensor([r.top_k for r in sub], device=dev),
+                          torch.tensor([r.top_p for r in sub], device=dev),
+                          torch.tensor([r.min_p for r in sub], device=dev))
+        noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], float_dtype, dev)
+        tokens[rows] = sample_from_probs(q, noise)
+        probs = torch.zeros(len(requests), logits.shape[-1], dtype=float_dtype, device=dev)
+        probs[rows] = q
+        return tokens.tolist(), probs

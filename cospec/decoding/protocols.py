@@ -1,0 +1,61 @@
+"""The small interfaces through which decoding strategies reach models, without importing the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(slots=True)
+class ForwardItem:
+    """One sequence's part of a ragged forward: feed ``token_ids`` at positions ``start_pos..``; return logits of
+    the last ``num_logits`` of them."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    num_logits: int
+
+
+class Runner(Protocol):
+    """Runs a model over the engine's paged cache (the engine's ``ModelRunner`` is one)."""
+
+    vocab_size: int
+
+    def forward(self, items: list[ForwardItem]) -> torch.Tensor:  # [sum(num_logits), vocab_size]
+        ...
+
+
+@dataclass(slots=True)
+class DraftRequest:
+    """What a proposer gets for one sequence: all its tokens so far (the last one not yet in any cache) and how many
+    drafts to propose, with the sampling settings the drafts must follow."""
+
+    seq_id: int
+    token_ids: list[int]
+    num_draft_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    generator: torch.Generator | None = None
+
+
+@dataclass(slots=True)
+class Draft:
+    token_ids: list[int]
+    probs: torch.Tensor | None = None  # [len(token_ids), vocab_size] the distribution each draft was sampled from
+
+
+class Proposer(Protocol):
+    is_deterministic: bool
+    """True when drafts carry no probabilities (q is one-hot on the draft token)."""
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forget a sequence (finished or preempted): its draft cache, if any, is gone."""
+        ...
