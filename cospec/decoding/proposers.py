@@ -91,10 +91,10 @@ class ModelDraftProposer:
         sub = [requests[j] for j in sampled]
         dev = logits.device
         q = process_probs(logits[rows].to(float_dtype),
-                          torch.tensor([r.temperature for r in sub], device=dev),
+                          torch.tensor([float(r.temperature) for r in sub], dtype=torch.float64, device=dev),
                           torch.tensor([r.top_k for r in sub], device=dev),
-                          torch.tensor([r.top_p for r in sub], device=dev),
-                          torch.tensor([r.min_p for r in sub], device=dev))
+                          torch.tensor([float(r.top_p) for r in sub], dtype=torch.float64, device=dev),
+                          torch.tensor([float(r.min_p) for r in sub], dtype=torch.float64, device=dev))
         noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], float_dtype, dev)
         tokens[rows] = sample_from_probs(q, noise)
         probs = torch.zeros(len(requests), logits.shape[-1], dtype=float_dtype, device=dev)

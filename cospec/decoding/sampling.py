@@ -52,32 +52,3 @@ def exponential_noise(vocab_size: int, generators: list[torch.Generator], dtype:
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Exponential race: an exact sample from each row of ``probs`` given its ``noise`` row. ``[num_rows]`` int64."""
     return (probs / noise).argmax(dim=-1)
-
-
-class Sampler:
-    """Samples one token per row, each row with its own parameters and generator (None = greedy)."""
-
-    def __call__(
-        self,
-        logits: torch.Tensor,  # [num_rows, vocab_size]
-        temperature: list[float],
-        top_k: list[int],
-        top_p: list[float],
-        min_p: list[float],
-        generators: list[torch.Generator | None],
-    ) -> torch.Tensor:  # [num_rows] int64
-        tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, g in enumerate(generators) if g is not None]
-        if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
-            float_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            probs = process_probs(
-                logits[rows].to(float_dtype),
-                torch.tensor([temperature[i] for i in sampled_rows], device=logits.device),
-                torch.tensor([top_k[i] for i in sampled_rows], device=logits.device),
-                torch.tensor([top_p[i] for i in sampled_rows], device=logits.device),
-                torch.tensor([min_p[i] for i in sampled_rows], device=logits.device),
-            )
-            noise = exponential_noise(logits.shape[-1], [generators[i] for i in sampled_rows], float_dtype, logits.device)
-            tokens[rows] = sample_from_probs(probs, noise)
-        return tokens

@@ -80,10 +80,12 @@ def _verify_sampled(logits, drafts, draft_probs, params) -> list[list[int]]:
     device, vocab_size = logits.device, logits.shape[-1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     num_rows = torch.tensor([len(d) + 1 for d in drafts])
-    expand = lambda values: torch.repeat_interleave(torch.tensor(values), num_rows).to(device)  # noqa: E731
-    target_probs = process_probs(logits.to(dtype), expand([p.temperature for p in params]),
-                                 expand([p.top_k for p in params]), expand([p.top_p for p in params]),
-                                 expand([p.min_p for p in params]))
+    def expand(values, value_dtype=torch.float64):  # float64: a float32 0.8 would shift a float64 model's temperature
+        return torch.repeat_interleave(torch.tensor(values, dtype=value_dtype), num_rows).to(device)
+
+    target_probs = process_probs(logits.to(dtype), expand([float(p.temperature) for p in params]),
+                                 expand([p.top_k for p in params], torch.int64),
+                                 expand([float(p.top_p) for p in params]), expand([float(p.min_p) for p in params]))
     # Each sequence draws its acceptance uniforms, then one noise row per window position, from its own generator.
     uniforms, noises = [], []
     for d, p in zip(drafts, params):

@@ -53,11 +53,12 @@ class BlockManager:
     # ---- updates -------------------------------------------------------------------------------------------
     def grow(self, seq_id: int, new_length: int) -> None:
         """Make room for ``new_length`` tokens (allocating the sequence on first use); sets its length."""
+        needed = self.num_new_blocks_needed(seq_id, new_length)
+        if needed > len(self._free_blocks):
+            # Checked before the sequence is registered: a failed grow leaves no trace (no empty table behind).
+            raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {len(self._free_blocks)} are free")
         table = self.block_tables.setdefault(seq_id, [])
         self.lengths.setdefault(seq_id, 0)
-        needed = self.num_blocks_for(new_length) - len(table)
-        if needed > len(self._free_blocks):
-            raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {len(self._free_blocks)} are free")
         for _ in range(needed):
             table.append(self._free_blocks.popleft())
         self.lengths[seq_id] = max(self.lengths[seq_id], new_length)

@@ -106,6 +106,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop token id(s) {bad_stops} outside the vocabulary [0, {self.vocab_size})")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(

@@ -80,12 +80,20 @@ class ModelRunner:
             q_unpad_index=None if q_unpad_index is None else q_unpad_index.to(device),
         )
         input_ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.int64, device=device)
-        return StepInputs(input_ids, torch.cat(pos_parts).to(device), torch.tensor(logit_rows, device=device)), meta
+        # int64 even when empty (a step of prefill chunks only): torch.tensor([]) is float and cannot index.
+        logit_rows = torch.tensor(logit_rows, dtype=torch.int64, device=device)
+        return StepInputs(input_ids, torch.cat(pos_parts).to(device), logit_rows), meta
 
     # ---- forward -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Logits ``[sum(num_logits), vocab_size]`` for the requested positions, sequence by sequence."""
+        with torch.inference_mode():
+            logits = self._forward(items)
+        # Cloned outside inference mode into a plain tensor: callers mask it in place (min_tokens bans stop tokens),
+        # which an inference tensor refuses outside inference mode (LLMEngine.step / LLM.generate run outside it).
+        return logits.clone()
+
+    def _forward(self, items: list[ForwardItem]) -> torch.Tensor:
         inputs, meta = self._metadata(items)
         self.cache.slot_mapping = meta.slot_mapping
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}

@@ -74,3 +74,22 @@ def rejection_sample(
     if use_triton(target_probs):
         return _mod.rejection_sample(*args)
     return _mod.rejection_sample_ref(*args)
+
+
+def fuse_sample(
+    member_logits: torch.Tensor,  # [num_members, num_rows, vocab_size]
+    weights: torch.Tensor,  # [num_rows, num_members] log-linear or mixture weights
+    temperature: torch.Tensor,  # [num_rows] >= 0, 0 = greedy
+    exp_noise: torch.Tensor,  # [num_rows, vocab_size] ~ Exp(1)
+    plausibility_alpha: torch.Tensor | None = None,  # [num_rows] threshold on member 0, 0 = off
+    is_mixture: torch.Tensor | None = None,  # [num_rows] bool
+    min_p: torch.Tensor | None = None,  # [num_rows], 0 = off
+) -> torch.Tensor:  # [num_rows] int64
+    """Fuse the members' logits per row (log-linear, contrastive or mixture) and sample one token: temperature
+    and min-p in the kernel; rows that need top-k or top-p go through fusion.fuse_logits + process_probs."""
+    from cospec.kernels import fuse_sample_kernel as _mod
+
+    args = (member_logits, weights, temperature, exp_noise, plausibility_alpha, is_mixture, min_p)
+    if use_triton(member_logits):
+        return _mod.fuse_sample(*args)
+    return _mod.fuse_sample_ref(*args)

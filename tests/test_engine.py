@@ -1,0 +1,259 @@
+"""LLMEngine: a request's output does not depend on the batch, on preemption, on prefill chunking or on the page
+size; bad requests are refused with a clear error while the engine keeps serving; abort frees blocks at once.
+
+"Alone" means the same request on a fresh engine with a cache big enough for it, no other request present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_models import one_thread, random_prompt, tiny_model  # noqa: F401 (fixture)
+
+from cospec import EngineConfig, LLMEngine, SamplingParams
+
+VOCAB = 128
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", vocab_size=VOCAB)  # no eos: requests run to max_tokens unless told otherwise
+
+
+def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], max_steps: int = 10_000):
+    """Add every request, step until the engine is idle; the final RequestOutput of each."""
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    return drain(engine, max_steps)
+
+
+def drain(engine: LLMEngine, max_steps: int = 10_000) -> dict:
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            assert out.request_id not in done, f"{out.request_id} produced tokens after it finished"
+            if out.finished:
+                done[out.request_id] = out
+    assert not engine.has_unfinished_requests(), "the engine did not finish within max_steps"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # nothing leaked
+    return done
+
+
+_alone_cache: dict = {}
+
+
+def alone(model, prompt: list[int], params: SamplingParams) -> list[int]:
+    key = (id(model), tuple(prompt), repr(params))
+    if key not in _alone_cache:
+        engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, block_size=16))
+        _alone_cache[key] = run_all(engine, {"r": (prompt, params)})["r"].output_token_ids
+    return _alone_cache[key]
+
+
+# ---- (a) preemption ------------------------------------------------------------------------------------------
+
+PROMPT_LENGTHS = [1, 60, 7, 33, 2, 45, 16, 17, 58, 3, 25, 40, 9, 51, 12, 30]
+MAX_TOKENS = [20, 5, 24, 10, 1, 16, 8, 24, 3, 12, 20, 6, 24, 2, 18, 14]
+
+
+def _params(mode: str, i: int, max_tokens: int) -> SamplingParams:
+    if mode == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=20, seed=i)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "seeded"])
+def test_preemption_keeps_every_output_as_if_alone(model, mode):
+    requests = {f"r{i}": (random_prompt(n, VOCAB, seed=i), _params(mode, i, m))
+                for i, (n, m) in enumerate(zip(PROMPT_LENGTHS, MAX_TOKENS))}
+    # 20 blocks of 4 tokens: every request fits alone (at most 65 tokens), far from all of them at once.
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=20, block_size=4, max_num_batched_tokens=32))
+    done = run_all(engine, requests)
+    assert set(done) == set(requests)
+    assert any(out.stats.num_preemptions > 0 for out in done.values())
+    for request_id, (prompt, params) in requests.items():
+        out = done[request_id]
+        assert out.finish_reason == "length" and len(out.output_token_ids) == params.max_tokens
+        assert out.prompt_token_ids == prompt
+        assert out.output_token_ids == alone(model, prompt, params), request_id
+
+
+# ---- (b) chunked prefill, (c) page size ----------------------------------------------------------------------
+
+
+def test_chunked_prefill_gives_the_same_output(model):
+    long_prompt = random_prompt(100, VOCAB, seed=100)
+    short_prompt = random_prompt(5, VOCAB, seed=101)
+    requests = {"long": (long_prompt, SamplingParams(max_tokens=12, temperature=0.0)),
+                "long-sampled": (long_prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=3)),
+                "short": (short_prompt, SamplingParams(max_tokens=30, temperature=0.0))}
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, block_size=16, max_num_batched_tokens=16))
+    done = run_all(engine, requests)
+    for request_id, (prompt, params) in requests.items():
+        assert done[request_id].output_token_ids == alone(model, prompt, params), request_id
+    # The 100-token prompt really went through in chunks of at most 16 tokens (plus one step per new token).
+    assert done["long"].stats.num_steps >= 100 // 16 + 12
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_chunked_prefill_with_sliding_window_equals_hf(family):
+    """Prefill chunks of 6 tokens and pages of 4 against an 8-token sliding window: chunks start mid-window and
+    the window spans pages; greedy output equals HF's."""
+    sliding = tiny_model(family, vocab_size=VOCAB)
+    prompts = [random_prompt(n, VOCAB, seed=700 + n) for n in (30, 13, 1)]
+    requests = {str(i): (p, SamplingParams(max_tokens=25, temperature=0.0)) for i, p in enumerate(prompts)}
+    engine = LLMEngine(sliding, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=6))
+    done = run_all(engine, requests)
+    for i, prompt in enumerate(prompts):
+        expected = sliding.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False)[0, len(prompt):]
+        assert done[str(i)].output_token_ids == expected.tolist(), (family, i)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 7, 32])
+def test_block_size_does_not_change_the_output(model, block_size):
+    requests = {f"r{i}": (random_prompt(n, VOCAB, seed=200 + i), _params(mode, i, 15))
+                for i, (n, mode) in enumerate([(1, "greedy"), (20, "seeded"), (37, "greedy"), (9, "seeded")])}
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=-(-4 * 52 // block_size), block_size=block_size))
+    done = run_all(engine, requests)
+    for request_id, (prompt, params) in requests.items():
+        assert done[request_id].output_token_ids == alone(model, prompt, params), request_id
+
+
+# ---- (d) bad input -------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(model):
+    # 12 blocks of 4 = 48 cached tokens; the context is 64 tokens.
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=12, block_size=4, max_model_len=64))
+    good = (random_prompt(10, VOCAB, seed=300), SamplingParams(max_tokens=8, temperature=0.0))
+    later = (random_prompt(6, VOCAB, seed=301), SamplingParams(max_tokens=8, temperature=0.7, seed=5))
+    engine.add_request("good-before", *good)
+    engine.step()
+    engine.step()
+    bad = [
+        ("empty", [], ValueError, "empty"),
+        ("too-big-id", [5, VOCAB], ValueError, "vocabulary"),
+        ("negative-id", [5, -1], ValueError, "vocabulary"),
+        ("float-ids", [5, 1.5], TypeError, "ints"),
+        ("bool-ids", [True, 5], TypeError, "ints"),
+        ("string", "hello", TypeError, "list of ints"),
+        ("float-tensor", torch.tensor([1.0, 2.0]), TypeError, "ints"),
+        ("over-context", random_prompt(50, VOCAB, seed=0), ValueError, "context"),  # 50 + 16 > 64
+        ("over-pool", random_prompt(40, VOCAB, seed=0), ValueError, "KV blocks"),  # 40 + 16 fits 64, not 48
+        ("good-before", random_prompt(3, VOCAB, seed=0), ValueError, "already in use"),
+    ]
+    for request_id, prompt, error, message in bad:
+        with pytest.raises(error, match=message):
+            engine.add_request(request_id, prompt, SamplingParams(max_tokens=16))
+        assert engine.num_unfinished_requests == 1, request_id
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request("dict-params", [5], {"max_tokens": 4})
+    for kwargs, message in [(dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"),
+                            (dict(temperature=-0.5), "temperature"), (dict(max_tokens=3, min_tokens=5), "min_tokens"),
+                            (dict(top_k=-1), "top_k"), (dict(min_p=1.5), "min_p"),
+                            (dict(temperature=float("nan")), "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)
+    engine.add_request("empty", [7], SamplingParams(max_tokens=2))  # a refused id is not reserved
+    engine.add_request("good-after", *later)
+    done = drain(engine)
+    assert set(done) == {"good-before", "good-after", "empty"}
+    assert done["good-before"].output_token_ids == alone(model, *good)
+    assert done["good-after"].output_token_ids == alone(model, *later)
+
+
+# ---- (e) abort -----------------------------------------------------------------------------------------------
+
+
+def test_abort_frees_blocks_at_once_and_others_continue(model):
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=40, block_size=4, max_num_batched_tokens=24))
+    bm = engine.block_manager
+    requests = {f"r{i}": (random_prompt(n, VOCAB, seed=400 + i), _params("seeded" if i % 2 else "greedy", i, 10))
+                for i, n in enumerate([30, 8, 3, 20, 12])}
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    engine.step()  # r0 prefills its first chunk of 24 tokens; the others wait
+    seq = engine._requests["r0"]
+    assert seq.num_computed_tokens == 24 and len(bm.block_tables[seq.seq_id]) == 6
+    free_before = bm.num_free_blocks
+    engine.abort("r0")  # mid-prefill
+    assert seq.seq_id not in bm.block_tables and bm.num_free_blocks == free_before + 6
+    for _ in range(4):
+        engine.step()
+    seq = engine._requests["r1"]
+    held = len(bm.block_tables[seq.seq_id])
+    assert held > 0
+    free_before = bm.num_free_blocks
+    engine.abort("r1")  # while decoding
+    assert bm.num_free_blocks == free_before + held
+    engine.abort("r1")  # twice, and unknown ids: no-ops
+    engine.abort("no-such-request")
+    done = drain(engine)
+    assert set(done) == {"r2", "r3", "r4"}
+    for request_id in done:
+        assert done[request_id].output_token_ids == alone(model, *requests[request_id]), request_id
+    # Aborting everything returns the whole pool at once.
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    engine.step()
+    engine.step()
+    assert bm.num_free_blocks < bm.num_blocks
+    for request_id in requests:
+        engine.abort(request_id)
+    assert bm.num_free_blocks == bm.num_blocks and not bm.block_tables
+    assert not engine.has_unfinished_requests() and engine.step() == []
+
+
+# ---- (f) stopping --------------------------------------------------------------------------------------------
+
+
+def test_stop_tokens_eos_ignore_eos_and_max_tokens(model):
+    prompt = random_prompt(11, VOCAB, seed=500)
+    free = alone(model, prompt, SamplingParams(max_tokens=20, temperature=0.0))
+    assert len(free) == 20
+    index = next(i for i in range(3, 20) if free[i] not in free[:i])  # a token first produced at step >= 3
+    stop = free[index]
+
+    def one(m, params):
+        return run_all(LLMEngine(m, EngineConfig(num_kv_blocks=16)), {"r": (prompt, params)})["r"]
+
+    out = one(model, SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[stop]))
+    assert out.output_token_ids == free[:index + 1] and out.finish_reason == "stop" and out.finished
+    out = one(model, SamplingParams(max_tokens=index, temperature=0.0, stop_token_ids=[stop]))
+    assert out.output_token_ids == free[:index] and out.finish_reason == "length"
+    # min_tokens masks the stop token until that many tokens exist.
+    out = one(model, SamplingParams(max_tokens=20, min_tokens=index + 1, temperature=0.0, stop_token_ids=[stop]))
+    assert out.output_token_ids[:index] == free[:index] and stop not in out.output_token_ids[:index + 1]
+    # The model's eos (from its generation config) stops a request unless ignore_eos is set.
+    with_eos = tiny_model("llama", vocab_size=VOCAB, eos_token_id=stop)
+    out = one(with_eos, SamplingParams(max_tokens=20, temperature=0.0))
+    assert out.output_token_ids == free[:index + 1] and out.finish_reason == "stop"
+    out = one(with_eos, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    assert out.output_token_ids == free and out.finish_reason == "length"
+    out = one(with_eos, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[stop]))
+    assert out.finish_reason == "stop"  # explicit stop tokens still apply
+    out = one(model, SamplingParams(max_tokens=1, temperature=0.0))
+    assert out.output_token_ids == free[:1] and out.finish_reason == "length"
+
+
+# ---- stop tokens and seeds are validated up front ------------------------------------------------------------
+
+
+def test_out_of_vocabulary_stop_token_is_refused(model):
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=16))
+    good = (random_prompt(6, VOCAB, seed=600), SamplingParams(max_tokens=6, temperature=0.0))
+    engine.add_request("good", *good)
+    for stop in (VOCAB + 5, -1):
+        with pytest.raises(ValueError, match="stop"):
+            engine.add_request(f"bad{stop}", [5, 6], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[stop]))
+    done = drain(engine)
+    assert done["good"].output_token_ids == alone(model, *good)
+
+
+def test_bad_seed_is_refused_naming_it():
+    for seed in (1.5, 2**70, "7"):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
