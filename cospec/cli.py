@@ -1,4 +1,7 @@
-"""The ``cospec`` command: ``cospec generate "PROMPT"`` streams a completion, ``cospec info`` describes the setup.
+"""cospec: speculative decoding and co-decoding engine for Hugging Face models.
+
+``generate`` streams a completion, ``bench`` compares cospec with Hugging Face, ``serve`` runs an OpenAI-compatible
+server, ``info`` describes the setup.
 
 Flags map one to one onto ``SamplingParams`` fields (``--max-tokens`` -> ``max_tokens``) and ``load_model``
 arguments. A failure the user can fix (a missing model, a bad flag value) prints one line to stderr and exits 2;
@@ -37,9 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     sampling.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
     sampling.add_argument("--seed", type=int, default=None, help="seed of the request's random generator")
-    # Speculative decoding: one add_argument per proposer (--draft MODEL, --prompt-lookup N, --self-spec L).
-    gen.add_argument_group("speculative decoding")
+    spec = gen.add_argument_group("speculative decoding (choose one)")
+    spec.add_argument("--draft", metavar="MODEL", help="draft model (name, directory or .gguf) with the same vocabulary")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N", help="draft by n-gram lookup, n-grams up to N tokens")
+    spec.add_argument("--self-spec", type=int, metavar="L", help="draft with the model's own first L layers")
+    spec.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step (adaptive)")
     gen.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="benchmark cospec against Hugging Face generate on real workloads")
+    from benchmarks.suite import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
+    from cospec.engine.server import add_serve_arguments  # starlette/uvicorn load only in serve_main
+
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="print versions, the device and the kernel backends")
     info.set_defaults(run=_info)
@@ -72,7 +90,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not hasattr(torch, args.dtype) or not isinstance(getattr(torch, args.dtype), torch.dtype):
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
     _quiet_transformers()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, draft=args.draft,
+              prompt_lookup=args.prompt_lookup, self_spec_layers=args.self_spec, num_draft_tokens=args.num_draft_tokens)
     engine, tokenizer = llm.engine, llm.tokenizer
     prompt_ids = llm.encode(args.prompt, chat=None if args.chat else False)
     engine.add_request("cli", prompt_ids, params)
@@ -89,7 +108,26 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{stats.num_output_tokens} tokens in {elapsed:.2f} s ({stats.num_output_tokens / elapsed:.1f} tokens/s), "
           f"time to first token {ttft * 1000:.0f} ms, prompt {stats.num_prompt_tokens} tokens, "
           f"finish reason {out.finish_reason}", file=sys.stderr)
+    if stats.num_drafted_tokens:
+        print(f"speculation: {stats.num_accepted_tokens}/{stats.num_drafted_tokens} drafts accepted, "
+              f"{stats.mean_accepted_length:.2f} tokens per target forward", file=sys.stderr)
     return 0
+
+
+# ---- bench and serve ---------------------------------------------------------------------------------------
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.suite import run
+
+    _quiet_transformers()
+    run(args)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cospec.engine.server import serve_main
+
+    _quiet_transformers()
+    return serve_main(args)
 
 
 def _quiet_transformers() -> None:

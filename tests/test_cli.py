@@ -1,0 +1,111 @@
+"""The ``cospec`` command: ``info`` reports versions, ``generate`` streams and exits 0, bad input exits 2 in one line."""
+
+import sys
+
+import pytest
+import torch
+import transformers
+
+import cospec
+from cospec.cli import _stream, main
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the sun is warm and the sky is blue",
+    "we write code and tests every day",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A float32 tiny random Llama and a word-level tokenizer trained in memory, saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                     eos_token="</s>", pad_token="</s>")
+    config = transformers.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class _Recorder:
+    """A stdout that keeps each write, to see that text arrives in pieces."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_info_prints_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name, version in [("cospec", cospec.__version__), ("torch", torch.__version__),
+                          ("transformers", transformers.__version__)]:
+        assert name in out and version in out
+    assert "triton" in out and "threads" in out
+    assert "kernels (cpu)" in out and "torch-reference" in out
+
+
+def test_generate_streams_and_exits_0(tiny_model_dir, monkeypatch, capsys):
+    stdout = _Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["generate", "the cat sat", "--model", str(tiny_model_dir), "--max-tokens", "6"]) == 0
+    streamed = "".join(stdout.writes)
+    assert len([w for w in stdout.writes if w.strip()]) > 1, "text should arrive token by token"
+
+    llm = cospec.LLM(str(tiny_model_dir), max_num_seqs=1)
+    (expected,) = llm.generate("the cat sat", cospec.SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
+    assert streamed.rstrip("\n") == expected.text and expected.text
+
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "time to first token" in err
+
+
+def test_generate_sampling_flags(tiny_model_dir, capsys):
+    argv = ["generate", "a dog", "--model", str(tiny_model_dir), "--max-tokens", "5", "--temperature", "0.9",
+            "--top-k", "10", "--top-p", "0.9", "--min-p", "0.01", "--seed", "7", "--no-chat"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+
+
+def test_missing_model_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["generate", "hi", "--model", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cospec: error:") and "no-such-model" in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_bad_sampling_value_exits_2(tiny_model_dir, capsys):
+    assert main(["generate", "hi", "--model", str(tiny_model_dir), "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_stream_holds_back_incomplete_utf8(monkeypatch):
+    stdout = _Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    printed = _stream("caf", "", finished=False)
+    printed = _stream("caf\ufffd", printed, finished=False)  # first byte of "é" only
+    printed = _stream("café!", printed, finished=True)
+    assert stdout.writes == ["caf", "", "é!"]
+    assert printed == "café!"
