@@ -1,7 +1,6 @@
 """Speculative decoding: exact greedy equivalence, distribution preservation when sampling, bad drafts."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import cospec
 from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
+
+from _stats import assert_chi_square_fits
 
 VOCAB = 40
 
@@ -141,16 +142,7 @@ def test_sampled_speculation_preserves_the_target_distribution(method):
         counts[o.output_token_ids[1], o.output_token_ids[2]] += 1
     assert sum(o.stats.num_drafted_tokens for o in outs) > 0.5 * num_samples  # speculation actually ran
     expected = _exact_second_third_token_distribution(target, prompt, temperature) * num_samples
-    # Pool cells expected below 5 into one, as chi-square requires.
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big].sum()[None]])
-    expect = torch.cat([expected[big], expected[~big].sum()[None]])
-    chi2 = float(((observed - expect) ** 2 / expect).sum())
-    dof = observed.numel() - 1
-    # Wilson-Hilferty: chi2 quantile at p = 1e-4 upper tail
-    z = 3.719
-    bound = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-    assert chi2 < bound, f"chi2={chi2:.1f} over {dof} dof exceeds {bound:.1f}"
+    assert_chi_square_fits(counts, expected)
     # and the draft really differs from the target (otherwise the test would prove little)
     if method == "draft":
         with torch.no_grad():

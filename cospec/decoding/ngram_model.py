@@ -105,7 +105,7 @@ def _unique_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return sorted_keys[starts], counts, order[starts]
 
 
-@dataclass
+@dataclass(eq=False)
 class NgramLM:
     """Interpolated Kneser-Ney n-gram model over token ids. Build with ``NgramLM.build``; tables are per order
     ``k = 2 .. order`` (sorted keys, raw counts, Kneser-Ney counts), order 1 is dense over the vocabulary."""
@@ -339,13 +339,12 @@ def is_excluded(relative: Path, exclude_modules: Sequence[str]) -> bool:
     return False
 
 
-def stdlib_files(exclude_modules: Sequence[str] = DEFAULT_HELDOUT_MODULES, root: Path | None = None) -> list[Path]:
-    """The standard library's .py files (site-packages excluded), library code first and then its tests (so a
-    token budget prefers library code), each group sorted by path."""
-    root = stdlib_dir() if root is None else root
+def python_files(root: Path, exclude_modules: Sequence[str] = ()) -> list[Path]:
+    """The .py files under ``root`` (a source tree: a package or the standard library), leaving out third-party
+    packages, bytecode and the modules ``exclude_modules`` (dotted names relative to ``root``); library code first
+    and then tests (so a token budget prefers library code), each group sorted by path."""
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
-        # third-party packages and bytecode are not the standard library's source
         dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
         paths += [Path(dirpath) / name for name in filenames if name.endswith(".py")]
     library, tests = [], []
@@ -356,6 +355,11 @@ def stdlib_files(exclude_modules: Sequence[str] = DEFAULT_HELDOUT_MODULES, root:
         is_test = any(p in ("test", "tests", "idle_test") or p.startswith("test_") for p in relative.parts)
         (tests if is_test else library).append(path)
     return library + tests
+
+
+def stdlib_files(exclude_modules: Sequence[str] = DEFAULT_HELDOUT_MODULES, root: Path | None = None) -> list[Path]:
+    """The standard library's .py files (see ``python_files``)."""
+    return python_files(stdlib_dir() if root is None else root, exclude_modules)
 
 
 def heldout_module_files(modules: Sequence[str] = DEFAULT_HELDOUT_MODULES, root: Path | None = None) -> list[Path]:
@@ -371,23 +375,20 @@ def heldout_module_files(modules: Sequence[str] = DEFAULT_HELDOUT_MODULES, root:
     return paths
 
 
-def build_stdlib_corpus(tokenizer, exclude_modules: Sequence[str] = DEFAULT_HELDOUT_MODULES,
-                        max_tokens: int = 10_000_000, root: Path | None = None, batch_size: int = 64,
-                        progress: bool = True) -> list[np.ndarray]:
-    """Tokenize the standard library shipped with this Python into one int32 array per file, at most ``max_tokens``
-    tokens in all (the last file cut short), leaving out the held-out modules ``exclude_modules``."""
+def tokenize_files(tokenizer, files: Sequence[Path], max_tokens: int = 10_000_000, batch_size: int = 64,
+                   progress: bool = True, desc: str = "tokenizing") -> list[np.ndarray]:
+    """One int32 array of token ids per file (UTF-8 text; others skipped), at most ``max_tokens`` in all (the last
+    file cut short)."""
     from tqdm.auto import tqdm
 
-    files = stdlib_files(exclude_modules, root)
     sequences: list[np.ndarray] = []
     num_tokens = 0
-    with tqdm(total=max_tokens, desc="tokenizing the stdlib", unit="tok", unit_scale=True,
-              disable=not progress) as bar:
+    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
         for start in range(0, len(files), batch_size):
             texts = []
             for path in files[start : start + batch_size]:
                 try:
-                    texts.append(path.read_text(encoding="utf-8"))
+                    texts.append(Path(path).read_text(encoding="utf-8"))
                 except (UnicodeDecodeError, OSError):
                     continue  # a few test data files are not UTF-8
             for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
@@ -399,3 +400,12 @@ def build_stdlib_corpus(tokenizer, exclude_modules: Sequence[str] = DEFAULT_HELD
             if num_tokens >= max_tokens:
                 break
     return sequences
+
+
+def build_stdlib_corpus(tokenizer, exclude_modules: Sequence[str] = DEFAULT_HELDOUT_MODULES,
+                        max_tokens: int = 10_000_000, root: Path | None = None, batch_size: int = 64,
+                        progress: bool = True) -> list[np.ndarray]:
+    """Tokenize the standard library shipped with this Python into one int32 array per file, at most ``max_tokens``
+    tokens in all, leaving out the held-out modules ``exclude_modules``."""
+    return tokenize_files(tokenizer, stdlib_files(exclude_modules, root), max_tokens, batch_size, progress,
+                          desc="tokenizing the stdlib")

@@ -36,13 +36,20 @@ def check_same_vocabulary(target, draft, target_tokenizer=None, draft_tokenizer=
 class ModelDraftProposer:
     is_deterministic = False
 
-    def __init__(self, runner: Runner, min_confidence: float = 0.0) -> None:
+    def __init__(self, runner: Runner, min_confidence: float = 0.0, keep_unconfident: bool = True) -> None:
         self.runner = runner
         self.min_confidence = min_confidence  # stop a draft where the draft model's top probability is lower
+        # Speculation keeps the token drafted at that point (the target verifies it anyway); deferral drops it, since
+        # the small model emits only tokens it is confident about.
+        self.keep_unconfident = keep_unconfident
         self.num_cached: dict[int, int] = {}  # seq_id -> tokens whose K/V are in the draft cache
 
     def release(self, seq_id: int) -> None:
         self.num_cached.pop(seq_id, None)
+
+    def mark_cached(self, seq_id: int, num_tokens: int) -> None:
+        """The draft model's cache holds the sequence's first ``num_tokens`` tokens (it ran as a fusion member)."""
+        self.num_cached[seq_id] = num_tokens
 
     def rollback(self, seq_id: int, num_valid_tokens: int) -> None:
         """After verification only the first ``num_valid_tokens`` tokens of the sequence are known good."""
@@ -69,6 +76,8 @@ class ModelDraftProposer:
             for row, i in enumerate(active):
                 r, (fed, start) = requests[i], feeds[i]
                 self.num_cached[r.seq_id] = start + len(fed)
+                if not confident[row] and not self.keep_unconfident:
+                    continue
                 drafts[i].token_ids.append(tokens[row])
                 if probs is not None and r.generator is not None:
                     drafts[i].probs.append(probs[row])

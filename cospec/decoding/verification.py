@@ -99,3 +99,35 @@ def _verify_sampled(logits, drafts, draft_probs, params) -> list[list[int]]:
     output = kernels.rejection_sample(target_probs, q, flat, cu, torch.cat(uniforms).to(device),
                                       torch.cat(noises).to(device), max_k)
     return _unpad(output)
+
+
+def defer(
+    logits: torch.Tensor,  # [sum(k_i + 1), vocab_size] the target's window logits
+    drafts: list[list[int]],  # the small model's confident tokens per sequence
+    params: list[WindowParams],
+    rollback_below: float | None,
+) -> list[list[int]]:
+    """Confidence deferral (lossy by design): keep the small model's tokens, except that with ``rollback_below`` the
+    first one the target gives less probability than that (after temperature) is replaced, BiLD style; then add
+    the target's own token (argmax, or a sample from its processed distribution)."""
+    out, row = [], 0
+    for d, p in zip(drafts, params):
+        window = logits[row: row + len(d) + 1]
+        row += len(d) + 1
+        keep = len(d)
+        if rollback_below is not None and d:
+            temperature = p.temperature if p.generator is not None else 1.0
+            probs = torch.softmax(window[: len(d)].double() / temperature, dim=-1)
+            too_unlikely = (probs[torch.arange(len(d)), torch.tensor(d)] < rollback_below).nonzero()
+            keep = int(too_unlikely[0]) if too_unlikely.numel() else len(d)
+        if p.generator is None:
+            token = int(window[keep].argmax())
+        else:
+            dtype = torch.float64 if window.dtype == torch.float64 else torch.float32
+            probs = process_probs(window[keep: keep + 1].to(dtype), torch.tensor([float(p.temperature)], dtype=torch.float64),
+                                  torch.tensor([p.top_k]), torch.tensor([float(p.top_p)], dtype=torch.float64),
+                                  torch.tensor([float(p.min_p)], dtype=torch.float64))
+            noise = torch.empty(1, window.shape[-1], dtype=dtype).exponential_(generator=p.generator)
+            token = int((probs / noise.to(probs.device)).argmax())
+        out.append(d[:keep] + [token])
+    return out

@@ -38,7 +38,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
 
-SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec")
+SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec", "ngram")
 
 
 @dataclass(slots=True)
@@ -58,6 +58,13 @@ class SpeculativeConfig:
     """method='self_spec': the draft is the target's first ``self_spec_layers`` layers + final norm + LM head."""
     draft_confidence: float = 0.0
     """method='draft': stop a sequence's draft where the draft's top probability falls below this."""
+    ngram_model: object = None
+    """method='ngram': an ``NgramLM`` that drafts by greedy retrieval."""
+    deferral_threshold: float | None = None
+    """Confidence deferral (lossy, BiLD style): the draft model's tokens are kept without verification while its top
+    probability is >= this; the target runs only where it is not, taking in the pending tokens in the same forward."""
+    deferral_rollback: float | None = None
+    """With deferral: the target rolls back a deferred token to which it gives a probability below this."""
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATION_METHODS:
@@ -68,5 +75,37 @@ class SpeculativeConfig:
             raise ValueError("method='draft' needs draft_model")
         if self.method == "self_spec" and (not isinstance(self.self_spec_layers, int) or self.self_spec_layers < 1):
             raise ValueError(f"method='self_spec' needs self_spec_layers >= 1, got {self.self_spec_layers!r}")
-        if not 0.0 <= self.draft_confidence < 1.0:
+        if self.method == "ngram" and self.ngram_model is None:
+            raise ValueError("method='ngram' needs ngram_model")
+        if self.deferral_threshold is not None:
+            if self.method != "draft":
+                raise ValueError("deferral needs method='draft' (a small model whose confidence decides)")
+            if not 0.0 < self.deferral_threshold <= 1.0:
+                raise ValueError(f"deferral_threshold must be in (0, 1], got {self.deferral_threshold!r}")
+            self.draft_confidence = self.deferral_threshold
+            self.adaptive = False
+        if self.deferral_rollback is not None and not 0.0 <= self.deferral_rollback < 1.0:
+            raise ValueError(f"deferral_rollback must be in [0, 1), got {self.deferral_rollback!r}")
+        if not 0.0 <= self.draft_confidence < 1.0 and self.deferral_threshold is None:
             raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence!r}")
+
+
+@dataclass(slots=True)
+class FusionConfig:
+    """A fusion group: the target plus ``members`` (HF models, names/paths of models, or ``NgramLM`` objects), whose
+    next-token distributions are combined by ``spec`` at every position (a request may override the spec)."""
+
+    members: list = None
+    spec: object = None
+    """A ``cospec.decoding.fusion.FusionSpec`` over [target, *members], in that order."""
+
+    def __post_init__(self) -> None:
+        from cospec.decoding.fusion import FusionSpec
+
+        if not self.members:
+            raise ValueError("a fusion group needs at least one member besides the target")
+        if not isinstance(self.spec, FusionSpec):
+            raise ValueError(f"spec must be a FusionSpec, got {type(self.spec).__name__}")
+        if self.spec.num_members != 1 + len(self.members):
+            raise ValueError(f"the fusion spec combines {self.spec.num_members} models, but the group has "
+                             f"{1 + len(self.members)} (the target and {len(self.members)} members)")

@@ -81,13 +81,14 @@ def _prompts_from_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             generation_config=None, streamer=None, assistant_model: nn.Module | None = None, **kwargs):
+             generation_config=None, streamer=None, assistant_model: nn.Module | None = None, fusion=None, **kwargs):
     """Hugging Face ``model.generate`` semantics on cospec's engine (greedy and sampling, batch >= 1).
 
     Speculative decoding takes HF's names, at any batch size: ``assistant_model=`` (a draft model),
     ``prompt_lookup_num_tokens=k`` (n-gram lookup, ``max_matching_ngram_size`` long), ``assistant_early_exit=L``
     (self-speculation from the first L layers); ``num_assistant_tokens`` caps the draft length (default 8; cospec
-    adapts it per sequence and step).
+    adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused distribution of the
+    model and its members (speculation then verifies against the fused distribution).
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
@@ -131,7 +132,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     engine = LLMEngine(model, EngineConfig(
         block_size=block_size, num_kv_blocks=sum(-(-(len(p) + max_new) // block_size) for p in prompts),
         max_num_seqs=len(prompts), max_num_batched_tokens=max(512, len(prompts)), max_model_len=_context_len(model, longest),
-    ), speculative=speculative)
+    ), speculative=speculative, fusion=fusion)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     if streamer is not None:

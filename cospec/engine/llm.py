@@ -7,7 +7,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from tqdm.auto import tqdm
 
-from cospec.engine.config import EngineConfig, SpeculativeConfig
+from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.llm_engine import LLMEngine
 from cospec.engine.models import DEFAULT_MODEL
 from cospec.engine.sampling_params import SamplingParams
@@ -20,17 +20,19 @@ class LLM:
     ``model`` is a HF model object, a directory, a .gguf file or an embedded model name. Speculative decoding: one
     of ``draft=`` (a model object, path or name with the same vocabulary), ``prompt_lookup=N`` (n-gram lookup with
     n-grams up to N tokens) or ``self_spec_layers=L`` (the target's first L layers draft), with up to
-    ``num_draft_tokens`` drafts per step; or a full ``SpeculativeConfig``. Engine options (``block_size``,
+    ``num_draft_tokens`` drafts per step; or a full ``SpeculativeConfig``. ``fusion=FusionConfig(members, spec)``
+    fuses the target's next-token distribution with its members' at every token. Engine options (``block_size``,
     ``kv_cache_memory_bytes``, ``max_num_seqs``, ...) are ``EngineConfig`` fields.
     """
 
     def __init__(self, model=DEFAULT_MODEL, tokenizer=None, dtype: torch.dtype | str | None = None,
                  device: str | torch.device | None = None, draft=None, prompt_lookup: int | None = None,
                  self_spec_layers: int | None = None, num_draft_tokens: int = 8,
-                 speculative: SpeculativeConfig | None = None, **engine_options) -> None:
+                 speculative: SpeculativeConfig | None = None, fusion: FusionConfig | None = None,
+                 **engine_options) -> None:
         speculative = speculative or _speculative_config(draft, prompt_lookup, self_spec_layers, num_draft_tokens)
         self.engine = LLMEngine(model, EngineConfig(**engine_options), tokenizer=tokenizer, dtype=dtype, device=device,
-                                speculative=speculative)
+                                speculative=speculative, fusion=fusion)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from cospec.decoding.draft_length import DraftLengthPolicy
+from cospec.decoding.fusion import fuse_logits_rows
+from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
-from cospec.decoding.verification import WindowParams, verify
+from cospec.decoding.verification import WindowParams, defer, verify
 from cospec.engine.block_manager import BlockManager
-from cospec.engine.config import EngineConfig, SpeculativeConfig
+from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
@@ -33,7 +35,7 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 class LLMEngine:
     def __init__(self, model: nn.Module | str, config: EngineConfig | None = None, tokenizer=None,
                  dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, fusion: FusionConfig | None = None) -> None:
         if isinstance(model, str):
             from cospec.engine.models import load_model
 
@@ -48,27 +50,64 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         kv_dtype = next(model.parameters()).dtype
         self.speculative = speculative
+        self.fusion = fusion
+        member_models = self._fusion_members(fusion, dtype, tokenizer)
         draft_model, draft_layers = self._draft_source(speculative, dtype, tokenizer)
+        draft_is_member = draft_model is not None and any(draft_model is m for m in member_models)
         kv_per_token = kv_bytes_per_token(text_config, kv_dtype)
-        if draft_model is not None:
-            kv_per_token += kv_bytes_per_token(draft_model.config.get_text_config(), kv_dtype, draft_layers)
+        for extra in [m for m in member_models if isinstance(m, nn.Module)] + ([draft_model] if draft_model is not None and not draft_is_member else []):
+            kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
+                                               draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear)
+        # Fusion members: a runner (own paged KV pool) per model member; n-gram members need no cache.
+        self.members = [m if isinstance(m, NgramLM) else
+                        ModelRunner(m, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear)
+                        for m in member_models]
         self.scheduler = Scheduler(config, self.block_manager)
         self.proposer = None
         self.draft_policy = None
+        self._draft_runs_as_member = draft_is_member
         if speculative is not None:
             if speculative.method == "prompt_lookup":
                 self.proposer = PromptLookupProposer(speculative.max_ngram_size, speculative.min_ngram_size)
+            elif speculative.method == "ngram":
+                self.proposer = NgramProposer(speculative.ngram_model)
             else:
-                draft_runner = ModelRunner(draft_model, self.block_manager, num_blocks, kv_dtype,
-                                           config.fast_cpu_linear, num_layers=draft_layers)
-                self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence)
+                if draft_is_member:  # the small fusion member drafts from its own cache
+                    draft_runner = next(r for r, m in zip(self.members, member_models) if m is draft_model)
+                else:
+                    draft_runner = ModelRunner(draft_model, self.block_manager, num_blocks, kv_dtype,
+                                               config.fast_cpu_linear, num_layers=draft_layers)
+                self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
+                                                   keep_unconfident=speculative.deferral_threshold is None)
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
+
+    def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
+        """The group's members as objects: HF models (loaded if given by name, vocabulary checked) or NgramLMs."""
+        if fusion is None:
+            return []
+        members = []
+        for member in fusion.members:
+            if isinstance(member, NgramLM):
+                if member.vocab_size != self.vocab_size:
+                    raise ValueError(f"the n-gram member's vocabulary ({member.vocab_size} tokens) differs from the "
+                                     f"target's ({self.vocab_size})")
+                members.append(member)
+                continue
+            member_tokenizer = None
+            if isinstance(member, str):
+                from cospec.engine.models import load_model
+
+                member, member_tokenizer = load_model(member, dtype=dtype or next(self.model.parameters()).dtype,
+                                                      device=next(self.model.parameters()).device)
+            check_same_vocabulary(self.model, member, tokenizer, member_tokenizer)
+            members.append(member.eval())
+        return members
 
     def _draft_source(self, speculative: SpeculativeConfig | None, dtype, tokenizer) -> tuple[nn.Module | None, int | None]:
         """(model that drafts, number of its layers used) for model-based speculation; (None, None) otherwise."""
@@ -106,6 +145,12 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
+        if params.fusion is not None:
+            if self.fusion is None:
+                raise ValueError("this request has a fusion spec, but the engine has no fusion group (fusion=...)")
+            if params.fusion.num_members != self.fusion.spec.num_members:
+                raise ValueError(f"the request's fusion spec combines {params.fusion.num_members} models; the engine's "
+                                 f"group has {self.fusion.spec.num_members}")
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad_stops:
             raise ValueError(f"stop token id(s) {bad_stops} outside the vocabulary [0, {self.vocab_size})")
@@ -151,12 +196,16 @@ class LLMEngine:
                  for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
         start = time.perf_counter()
         logits = self.runner.forward(items)
+        if self.members:
+            logits = self._fuse(items, windows, drafts, logits)
         if self.draft_policy is not None:
             self.draft_policy.costs.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
         emitted = self._verify([s.seq for s in windows], drafts, logits) if windows else []
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
+            if self._draft_runs_as_member:
+                self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
         return [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
 
     @staticmethod
@@ -194,6 +243,22 @@ class LLMEngine:
         by_seq = {s.seq.seq_id: d for s, d in zip(windows, drafts)}
         return [by_seq.get(s.seq.seq_id, Draft([])) for s in scheduled]
 
+    def _fuse(self, items: list[ForwardItem], windows: list[ScheduledSeq], drafts: list[Draft],
+              target_logits: torch.Tensor) -> torch.Tensor:
+        """Every member advances on this step's tokens; the window rows get the fused log-probabilities."""
+        member_logits = []
+        for member in self.members:
+            if isinstance(member, NgramLM):
+                contexts = [s.seq.token_ids + d.token_ids[:j] for s, d in zip(windows, drafts)
+                            for j in range(len(d.token_ids) + 1)]
+                member_logits.append(member.next_token_logprobs(contexts).to(target_logits.device))
+            else:
+                member_logits.append(member.forward(items))
+        specs = [s.seq.params.fusion or self.fusion.spec for s, d in zip(windows, drafts) for _ in range(len(d.token_ids) + 1)]
+        if not specs:
+            return target_logits
+        return fuse_logits_rows([target_logits] + member_logits, specs)
+
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> list[list[int]]:
         row = 0
         for seq, d in zip(seqs, drafts):
@@ -203,6 +268,8 @@ class LLMEngine:
             row += len(d.token_ids) + 1
         params = [WindowParams(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.generator)
                   for s in seqs]
+        if self.speculative is not None and self.speculative.deferral_threshold is not None:
+            return defer(logits, [d.token_ids for d in drafts], params, self.speculative.deferral_rollback)
         return verify(logits, [d.token_ids for d in drafts], [d.probs for d in drafts], params)
 
     def _accept(self, seq: Sequence, draft: Draft, tokens: list[int]) -> RequestOutput:
@@ -218,7 +285,10 @@ class LLMEngine:
                 stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
             stats.acceptance_histogram[num_accepted] += 1
         if isinstance(self.proposer, ModelDraftProposer):
-            self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
+            if self._draft_runs_as_member:  # it ran over every token of the step with the target
+                self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
+            else:
+                self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
         return self._append(seq, tokens)

@@ -20,6 +20,8 @@ class SamplingParams:
     """Seeds this request's own random generator: same seed, same output, whatever else is in the batch."""
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    fusion: object = None
+    """A ``FusionSpec`` for this request in an engine with a fusion group (None: the group's default spec)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -38,6 +40,11 @@ class SamplingParams:
                                       or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.fusion is not None:
+            from cospec.decoding.fusion import FusionSpec
+
+            if not isinstance(self.fusion, FusionSpec):
+                raise ValueError(f"fusion must be a FusionSpec, got {type(self.fusion).__name__}")
 
     @property
     def is_greedy(self) -> bool:
