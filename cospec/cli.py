@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--prompt-lookup", type=int, metavar="N", help="draft by n-gram lookup, n-grams up to N tokens")
     spec.add_argument("--self-spec", type=int, metavar="L", help="draft with the model's own first L layers")
     spec.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step (adaptive)")
+    spec.add_argument("--defer", type=float, metavar="TAU", help="with --draft: confidence deferral (lossy): the draft "
+                      "model's tokens are kept while its top probability is >= TAU")
+    spec.add_argument("--defer-rollback", type=float, metavar="P", help="with --defer: the target replaces a deferred "
+                      "token it gives probability < P")
+    fuse = gen.add_argument_group("token-level fusion")
+    fuse.add_argument("--fuse-with", nargs="+", metavar="MEMBER", help="fusion members after the model: model names or "
+                      "paths, or ngram:DIR for a saved n-gram model")
+    fuse.add_argument("--fusion", metavar="SPEC", help="how to fuse, e.g. mixture:0.7,0.3  proxy:1.0  "
+                      "contrastive:0.5,0.1  loglinear:1,0.5,-0.5")
     gen.set_defaults(run=_generate)
 
     bench = commands.add_parser("bench", help="benchmark cospec against Hugging Face generate on real workloads")
@@ -90,8 +99,17 @@ def _generate(args: argparse.Namespace) -> int:
     if not hasattr(torch, args.dtype) or not isinstance(getattr(torch, args.dtype), torch.dtype):
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
     _quiet_transformers()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, draft=args.draft,
-              prompt_lookup=args.prompt_lookup, self_spec_layers=args.self_spec, num_draft_tokens=args.num_draft_tokens)
+    speculative = None
+    if args.defer is not None:
+        from cospec.engine.config import SpeculativeConfig
+
+        if args.draft is None:
+            raise ValueError("--defer needs --draft MODEL (the small model that decides where it is confident)")
+        speculative = SpeculativeConfig("draft", num_draft_tokens=args.num_draft_tokens, draft_model=args.draft,
+                                        deferral_threshold=args.defer, deferral_rollback=args.defer_rollback)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, draft=None if speculative else args.draft,
+              prompt_lookup=args.prompt_lookup, self_spec_layers=args.self_spec, num_draft_tokens=args.num_draft_tokens,
+              speculative=speculative, fusion=_fusion_config(args))
     engine, tokenizer = llm.engine, llm.tokenizer
     prompt_ids = llm.encode(args.prompt, chat=None if args.chat else False)
     engine.add_request("cli", prompt_ids, params)
@@ -112,6 +130,19 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"speculation: {stats.num_accepted_tokens}/{stats.num_drafted_tokens} drafts accepted, "
               f"{stats.mean_accepted_length:.2f} tokens per target forward", file=sys.stderr)
     return 0
+
+
+def _fusion_config(args: argparse.Namespace):
+    if args.fuse_with is None and args.fusion is None:
+        return None
+    if args.fuse_with is None or args.fusion is None:
+        raise ValueError("fusion needs both --fuse-with MEMBER... and --fusion SPEC")
+    from cospec.decoding.fusion import parse_fusion
+    from cospec.decoding.ngram_model import NgramLM
+    from cospec.engine.config import FusionConfig
+
+    members = [NgramLM.load(m[len("ngram:"):]) if m.startswith("ngram:") else m for m in args.fuse_with]
+    return FusionConfig(members, parse_fusion(args.fusion))
 
 
 # ---- bench and serve ---------------------------------------------------------------------------------------

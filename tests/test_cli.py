@@ -109,3 +109,23 @@ def test_stream_holds_back_incomplete_utf8(monkeypatch):
     printed = _stream("café!", printed, finished=True)
     assert stdout.writes == ["caf", "", "é!"]
     assert printed == "café!"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prompt-lookup", "2"],
+    ["--self-spec", "1"],
+    ["--draft", "MODEL"],
+    ["--fuse-with", "MODEL", "--fusion", "mixture:0.5,0.5"],
+])
+def test_generate_speculation_and_fusion_flags_keep_greedy_output(tiny_model_dir, capsys, flags):
+    base = ["generate", "the cat sat", "--model", str(tiny_model_dir), "--max-tokens", "6"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    # fusing a model with itself (equal weights) is that model again, so every variant must print the same text
+    assert main(base + [str(tiny_model_dir) if f == "MODEL" else f for f in flags]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_fusion_flags_must_come_together(tiny_model_dir, capsys):
+    assert main(["generate", "x", "--model", str(tiny_model_dir), "--fusion", "mixture:0.5,0.5"]) == 2
+    assert "--fuse-with" in capsys.readouterr().err
