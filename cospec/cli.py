@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from importlib import metadata
 
 EXIT_USAGE = 2

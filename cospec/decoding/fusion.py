@@ -176,7 +176,8 @@ def _check_members(member_logits: Sequence[torch.Tensor], num_members: int) -> t
             raise ValueError(f"members must share one vocabulary: member 0 has vocabulary size {first.shape[1]}, "
                              f"member {i} has {z.shape[1]}")
         if z.shape[0] != first.shape[0]:
-            raise ValueError(f"members must have the same rows: member 0 has {first.shape[0]}, member {i} has {z.shape[0]}")
+            raise ValueError(f"members must have the same rows: member 0 has {first.shape[0]}, "
+                             f"member {i} has {z.shape[0]}")
         if z.device != first.device:
             raise ValueError(f"members must be on one device: member 0 on {first.device}, member {i} on {z.device}")
     return torch.float64 if any(z.dtype == torch.float64 for z in member_logits) else torch.float32
@@ -246,7 +247,8 @@ def fuse_logits_rows(
 ) -> torch.Tensor:  # [num_rows, vocab_size] fused log-probabilities
     """Fuse a batch in which each row has its own spec (vectorized over rows; no device sync)."""
     if len(specs) == 0 or len(specs) != member_logits[0].shape[0]:
-        raise ValueError(f"fuse_logits_rows needs one spec per row: {member_logits[0].shape[0]} rows, {len(specs)} specs")
+        raise ValueError(f"fuse_logits_rows needs one spec per row: {member_logits[0].shape[0]} rows, "
+                         f"{len(specs)} specs")
     dtype = _check_members(member_logits, specs[0].num_members)
     params = fusion_tensors(specs, member_logits[0].device, dtype)
     logprobs = torch.stack([z.to(dtype).log_softmax(dim=-1) for z in member_logits])  # [num_members, num_rows, vocab]

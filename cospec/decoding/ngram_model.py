@@ -214,8 +214,16 @@ class NgramLM:
         i = int(np.searchsorted(words, np.uint64(ngram[-1])))
         return int(self.counts[len(ngram)][lo + i]) if i < hi - lo and int(words[i]) == ngram[-1] else 0
 
+    def _tail(self, context: Sequence[int]) -> list[int]:
+        """The last ``order - 1`` tokens of ``context`` (all the model looks at), checked against the vocabulary."""
+        tail = [int(t) for t in context[max(0, len(context) - (self.order - 1)) :]] if self.order > 1 else []
+        for t in tail:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} in the context is outside the n-gram vocabulary [0, {self.vocab_size})")
+        return tail
+
     def next_token_probs(self, context: Sequence[int]) -> np.ndarray:  # [vocab_size] float64
-        context = [int(t) for t in context]
+        context = self._tail(context)
         probs = self._p1.copy()
         for k in range(2, min(self.order, len(context) + 1) + 1):
             lo, hi = self._run(k, context)
@@ -242,7 +250,7 @@ class NgramLM:
         token was seen with a continuation."""
         if num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-        context = [int(t) for t in context]
+        context = self._tail(context)
         drafts: list[int] = []
         for _ in range(num_draft_tokens):
             token = None

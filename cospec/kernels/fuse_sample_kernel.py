@@ -177,7 +177,8 @@ def _check(member_logits, weights, temperature, exp_noise, plausibility_alpha, i
                          f"got {exp_noise.dtype} {tuple(exp_noise.shape)}")
     for name, t in (("plausibility_alpha", plausibility_alpha), ("min_p", min_p)):
         if t is not None and (t.shape != (num_rows,) or not t.is_floating_point()):
-            raise ValueError(f"{op}: {name} must be None or float of shape ({num_rows},), got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be None or float of shape ({num_rows},), "
+                             f"got {t.dtype} {tuple(t.shape)}")
     if is_mixture is not None and (is_mixture.shape != (num_rows,) or is_mixture.dtype != torch.bool):
         raise ValueError(f"{op}: is_mixture must be None or bool of shape ({num_rows},), "
                          f"got {is_mixture.dtype} {tuple(is_mixture.shape)}")
