@@ -80,3 +80,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def save_tiny_llama_dir(path, sentences: list[str], context: int = 128, chat_template: str | None = None,
+                        logit_scale: float = 1.0):
+    """A float32 tiny random Llama and a word-level tokenizer trained in memory on ``sentences``, saved as a model
+    directory at ``path`` (what ``cospec generate --model`` and ``cospec serve --model`` take)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                     eos_token="</s>", pad_token="</s>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = transformers.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -9,6 +9,8 @@ import transformers
 import cospec
 from cospec.cli import _stream, main
 
+from _tiny_models import save_tiny_llama_dir
+
 SENTENCES = [
     "the cat sat on the mat",
     "a dog ran in the park",
@@ -20,23 +22,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A float32 tiny random Llama and a word-level tokenizer trained in memory, saved as a model directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                                     eos_token="</s>", pad_token="</s>")
-    config = transformers.LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), SENTENCES)
 
 
 class _Recorder:

@@ -18,9 +18,10 @@ import httpx
 import openai
 import pytest
 import torch
-import transformers
 
 import cospec
+
+from _tiny_models import save_tiny_llama_dir
 
 SENTENCES = [
     "the cat sat on the mat and the dog sat on the rug",
@@ -40,27 +41,10 @@ STARTUP_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A float32 tiny random Llama and a word-level tokenizer (trained in memory) with a chat template and eos."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                                     eos_token="</s>", pad_token="</s>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = transformers.LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # peaked next-token distributions: float32 rounding across batch shapes never flips argmax
-        model.lm_head.weight.mul_(8.0)
-    path = tmp_path_factory.mktemp("tiny-llama-served")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A float32 tiny random Llama and a word-level tokenizer (trained in memory) with a chat template and eos.
+    Peaked next-token distributions (logits x 8): float32 rounding across batch shapes never flips the argmax."""
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama-served"), SENTENCES, context=CONTEXT,
+                               chat_template=CHAT_TEMPLATE, logit_scale=8.0)
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
-from cospec.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from cospec.engine.sequence import RequestOutput, Sequence
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 

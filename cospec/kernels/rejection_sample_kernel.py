@@ -217,7 +217,7 @@ def rejection_sample_ref(
     batch = _check(target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, uniform, exp_noise, max_k)
     num_draft_tokens = _check_offsets_values(cu_num_draft_tokens, draft_token_ids.numel(), max_k, "rejection_sample")
     device, dtype = target_probs.device, _compute_dtype(target_probs)
-    num_drafts_total, vocab_size = draft_token_ids.numel(), target_probs.shape[1]
+    num_drafts_total = draft_token_ids.numel()
     arange_batch = torch.arange(batch, device=device)
 
     # Draft j of request b is scored by the target at row j + b.
