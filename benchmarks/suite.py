@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", nargs="+", default=["humaneval", "rewrite", "mtbench", "sharegpt"],
                         choices=workloads.WORKLOADS)
     parser.add_argument("--num-prompts", type=int, default=2, help="prompts per workload")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=SYSTEMS)
     parser.add_argument("--draft-layers", type=int, default=6,
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-spec-layers", type=int, default=8)
     parser.add_argument("--num-draft-tokens", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda)")
     parser.add_argument("--out", default=None, help="results folder (default bench_results/<time>)")
     parser.add_argument("--quick", action="store_true", help="a small run (under 2 minutes) for smoke tests")
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> Path:
             setattr(args, key, value)
     from cospec.engine.models import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     tokenizer.padding_side = "left"
     needs_draft = {"hf_assisted", "cospec_draft"} & set(args.methods)
     draft = truncated_copy(model, args.draft_layers) if needs_draft else None
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> Path:
                         records.append(_measure(systems[name], name, workload, batch_size, start, batch,
                                                 args.max_new_tokens, sampler))
                         bar.update()
-    results = {"environment": environment(), "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+    results = {"environment": environment(), "arguments": {k: v for k, v in vars(args).items() if not callable(v)},
                "records": records, "process_peak_rss_bytes": peak_rss_bytes()}
     results["summary"] = report.summarize(records)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))

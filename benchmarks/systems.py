@@ -87,6 +87,7 @@ class HFSystem:
         for row, p in enumerate(prompts):
             input_ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
+        input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
         clock = _FirstTokenClock() if len(prompts) == 1 else None
         start = time.perf_counter()
         out = self.model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
