@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "contrastive:0.5,0.1  loglinear:1,0.5,-0.5")
     gen.set_defaults(run=_generate)
 
-    bench = commands.add_parser("bench", help="benchmark cospec against Hugging Face generate on real workloads")
+    bench = commands.add_parser("bench", help="benchmark cospec against Hugging Face generate on real workloads "
+                                "(`cospec bench serve --help`: load-test a cospec server)")
     from benchmarks.suite import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # `cospec bench serve ...`: the load generator against a cospec server
+        from benchmarks.bench_serve import main as bench_serve_main
+
+        return bench_serve_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -115,3 +115,10 @@ def test_generate_speculation_and_fusion_flags_keep_greedy_output(tiny_model_dir
 def test_fusion_flags_must_come_together(tiny_model_dir, capsys):
     assert main(["generate", "x", "--model", str(tiny_model_dir), "--fusion", "mixture:0.5,0.5"]) == 2
     assert "--fuse-with" in capsys.readouterr().err
+
+
+def test_bench_serve_dispatches_to_the_load_generator(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--help"])
+    assert exit_info.value.code == 0
+    assert "--rates" in capsys.readouterr().out
