@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import report, workloads
 from benchmarks.common import RSSPeakSampler, environment, peak_rss_bytes
-from benchmarks.systems import SYSTEMS, UnsupportedError, make_system, truncated_copy
+from benchmarks.systems import FUSION_SYSTEMS, SYSTEMS, UnsupportedError, make_system, truncated_copy
 
 DEFAULT_METHODS = ("hf", "hf_prompt_lookup", "hf_assisted", "cospec", "cospec_prompt_lookup", "cospec_self_spec",
                    "cospec_draft")
@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> Path:
     tokenizer.padding_side = "left"
     needs_draft = {"hf_assisted", "cospec_draft"} & set(args.methods)
     draft = truncated_copy(model, args.draft_layers) if needs_draft else None
+    ngram = _stdlib_ngram(model, tokenizer, args.model) if set(FUSION_SYSTEMS) & set(args.methods) else None
     max_batch = max(args.batch_sizes)
     systems = {name: make_system(name, model, tokenizer, max_batch, draft, args.self_spec_layers,
-                                 args.num_draft_tokens) for name in args.methods}
+                                 args.num_draft_tokens, ngram) for name in args.methods}
     prompts = {w: [_encode(tokenizer, text) for text in workloads.load(w, args.num_prompts, args.seed)]
                for w in args.workloads}
     out_dir = Path(args.out or Path("bench_results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -87,6 +88,15 @@ def run(args: argparse.Namespace) -> Path:
     print(markdown)
     print(f"results in {out_dir}{os.sep}")
     return out_dir
+
+
+def _stdlib_ngram(model, tokenizer, model_name: str):
+    """The standard-library 4-gram model for this tokenizer (built once, about half a minute, then cached)."""
+    from benchmarks.bench_fusion_quality import make_domain, ngram_model
+
+    options = argparse.Namespace(order=4, max_corpus_tokens=10_000_000, rebuild=False)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    return ngram_model(make_domain("stdlib"), tokenizer, Path(model_name).name, vocab_size, options)[0]
 
 
 def _encode(tokenizer, text: str) -> list[int]:

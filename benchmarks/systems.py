@@ -4,6 +4,9 @@
   ``hf_assisted``: with ``assistant_model``. HF runs assisted generation at batch size 1 only.
 - ``cospec``: cospec's engine, plain decoding; ``cospec_prompt_lookup``, ``cospec_self_spec``, ``cospec_draft``: with
   each proposer. One engine per system lives for the whole run (its KV pool is allocated once).
+- ``cospec_fusion_ngram``: the model fused (mixture 0.9 / 0.1) with a 4-gram model of the Python standard library;
+  ``cospec_fusion_ngram_lookup``: the same fused distribution, sped up by prompt lookup (verified against the fused
+  distribution). Their outputs follow the fused distribution, so they differ from HF's by design.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 import cospec
-from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
+from cospec import EngineConfig, FusionConfig, FusionSpec, LLMEngine, SamplingParams, SpeculativeConfig
 
 SYSTEMS = ("hf", "hf_prompt_lookup", "hf_assisted", "cospec", "cospec_prompt_lookup", "cospec_self_spec",
-           "cospec_draft")
+           "cospec_draft", "cospec_fusion_ngram", "cospec_fusion_ngram_lookup")
+FUSION_SYSTEMS = ("cospec_fusion_ngram", "cospec_fusion_ngram_lookup")
 
 
 @dataclass
@@ -101,16 +105,18 @@ class HFSystem:
 
 class CospecSystem:
     def __init__(self, name: str, model, max_batch: int, draft=None, self_spec_layers: int = 8,
-                 num_draft_tokens: int = 10) -> None:
+                 num_draft_tokens: int = 10, ngram=None) -> None:
         self.name = name
-        speculative = None
-        if name == "cospec_prompt_lookup":
+        speculative = fusion = None
+        if name in FUSION_SYSTEMS:
+            fusion = FusionConfig([ngram], FusionSpec.mixture([0.9, 0.1]))
+        if name in ("cospec_prompt_lookup", "cospec_fusion_ngram_lookup"):
             speculative = SpeculativeConfig("prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram_size=3)
         elif name == "cospec_self_spec":
             speculative = SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
         elif name == "cospec_draft":
             speculative = SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
-        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=max_batch), speculative=speculative)
+        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=max_batch), speculative=speculative, fusion=fusion)
         self._ids = 0
 
     def run(self, prompts: list[list[int]], max_new_tokens: int) -> RunResult:
@@ -143,12 +149,12 @@ class CospecSystem:
 
 
 def make_system(name: str, model, tokenizer, max_batch: int, draft=None, self_spec_layers: int = 8,
-                num_draft_tokens: int = 10):
+                num_draft_tokens: int = 10, ngram=None):
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
     if name.startswith("hf"):
         return HFSystem(name, model, tokenizer, draft, prompt_lookup_num_tokens=num_draft_tokens)
-    return CospecSystem(name, model, max_batch, draft, self_spec_layers, num_draft_tokens)
+    return CospecSystem(name, model, max_batch, draft, self_spec_layers, num_draft_tokens, ngram)
 
 
 def _as_list(value) -> list[int]:

@@ -101,3 +101,27 @@ def test_quick_bench_runs_and_writes_valid_output(tmp_path):
     assert (out / "results.md").read_text().count("| rewrite |") >= 4
     for name in ("speedup.png", "acceptance.png", "throughput_vs_batch.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_fusion_systems_decode_the_fused_distribution():
+    """The fusion systems of `cospec bench` run the model fused with an n-gram member (plain and with prompt lookup,
+    which is verified against the fused distribution, so both give the same greedy tokens)."""
+    from _tiny_models import tiny_model
+
+    from benchmarks.systems import make_system
+    from cospec import EngineConfig, FusionConfig, FusionSpec, LLMEngine, SamplingParams
+    from cospec.decoding.ngram_model import NgramLM
+
+    model = tiny_model(vocab_size=64, logit_scale=4.0)
+    ngram = NgramLM.build([[5, 6, 7, 8, 9] * 20], vocab_size=64, order=3)
+    prompts = [[5, 6, 7, 8, 9, 5, 6], [10, 11, 12]]
+    engine = LLMEngine(model, fusion=FusionConfig([ngram], FusionSpec.mixture([0.9, 0.1])))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=12, temperature=0))
+    expected = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            expected[out.request_id] = out.output_token_ids
+    for name in ("cospec_fusion_ngram", "cospec_fusion_ngram_lookup"):
+        result = make_system(name, model, None, max_batch=2, ngram=ngram).run(prompts, 12)
+        assert result.outputs == [expected["0"], expected["1"]], name
