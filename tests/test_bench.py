@@ -109,7 +109,7 @@ def test_fusion_systems_decode_the_fused_distribution():
     from _tiny_models import tiny_model
 
     from benchmarks.systems import make_system
-    from cospec import EngineConfig, FusionConfig, FusionSpec, LLMEngine, SamplingParams
+    from cospec import FusionConfig, FusionSpec, LLMEngine, SamplingParams
     from cospec.decoding.ngram_model import NgramLM
 
     model = tiny_model(vocab_size=64, logit_scale=4.0)

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import cospec
 from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
+from cospec.decoding.ngram_model import NgramLM
 
 from _stats import assert_chi_square_fits
 
@@ -60,10 +61,14 @@ def _speculative(method, k, target, draft):
         return SpeculativeConfig("draft", num_draft_tokens=k, draft_model=target, adaptive=False)
     if method == "prompt_lookup":
         return SpeculativeConfig("prompt_lookup", num_draft_tokens=k, adaptive=False)
+    if method == "ngram":  # retrieval drafting from an n-gram model of the prompts
+        corpus = [p * 3 for p in _prompts()]
+        return SpeculativeConfig("ngram", num_draft_tokens=k, adaptive=False,
+                                 ngram_model=NgramLM.build(corpus, vocab_size=VOCAB, order=3))
     return SpeculativeConfig("self_spec", num_draft_tokens=k, self_spec_layers=2, adaptive=False)
 
 
-@pytest.mark.parametrize("method", ["draft", "draft_is_target", "prompt_lookup", "self_spec"])
+@pytest.mark.parametrize("method", ["draft", "draft_is_target", "prompt_lookup", "self_spec", "ngram"])
 @pytest.mark.parametrize("k", [1, 4, 8])
 def test_greedy_speculation_equals_plain_greedy(target, draft, method, k):
     prompts = _prompts()
@@ -158,6 +163,11 @@ def test_draft_with_another_vocabulary_is_rejected(target):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="vocabulary"):
         cospec.generate(target, ids, max_new_tokens=4, assistant_model=other)
+
+
+def test_ngram_drafter_with_another_vocabulary_is_rejected(target):
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLMEngine(target, speculative=SpeculativeConfig("ngram", ngram_model=NgramLM.build([[1, 2, 3]], vocab_size=VOCAB + 7)))
 
 
 def test_draft_on_another_device_is_rejected(target):

@@ -13,7 +13,7 @@ import torch
 
 from cospec.decoding.prompt_lookup import PromptLookupProposer
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner
-from cospec.decoding.sampling import exponential_noise, process_probs, sample_from_probs
+from cospec.decoding.sampling import exponential_noise, process_probs_for, sample_from_probs
 
 __all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
 
@@ -95,17 +95,11 @@ class ModelDraftProposer:
         sampled = [j for j, r in enumerate(requests) if r.generator is not None]
         if not sampled:
             return tokens.tolist(), None
-        float_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         rows = torch.tensor(sampled, device=logits.device)
         sub = [requests[j] for j in sampled]
-        dev = logits.device
-        q = process_probs(logits[rows].to(float_dtype),
-                          torch.tensor([float(r.temperature) for r in sub], dtype=torch.float64, device=dev),
-                          torch.tensor([r.top_k for r in sub], device=dev),
-                          torch.tensor([float(r.top_p) for r in sub], dtype=torch.float64, device=dev),
-                          torch.tensor([float(r.min_p) for r in sub], dtype=torch.float64, device=dev))
-        noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], float_dtype, dev)
+        q = process_probs_for(logits[rows], sub)
+        noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], q.dtype, logits.device)
         tokens[rows] = sample_from_probs(q, noise)
-        probs = torch.zeros(len(requests), logits.shape[-1], dtype=float_dtype, device=dev)
+        probs = torch.zeros(len(requests), logits.shape[-1], dtype=q.dtype, device=logits.device)
         probs[rows] = q
         return tokens.tolist(), probs

@@ -40,6 +40,29 @@ def process_probs(
     return probs
 
 
+def sampling_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Probabilities are computed in float64 for float64 models (exact tests), in float32 otherwise."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def process_probs_for(
+    logits: torch.Tensor,  # [num_rows, vocab_size]
+    settings: list,  # per group of rows: an object with temperature, top_k, top_p and min_p
+    repeats: list[int] | None = None,  # rows per group (default: one row each)
+) -> torch.Tensor:  # [num_rows, vocab_size] probabilities, in sampling_dtype(logits)
+    """``process_probs`` with each row's parameters taken from its settings object."""
+
+    def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+        # float64 parameters: a float32 0.8 would shift a float64 model's temperature
+        values = torch.tensor([getattr(s, name) for s in settings], dtype=dtype)
+        if repeats is not None:
+            values = torch.repeat_interleave(values, torch.tensor(repeats))
+        return values.to(logits.device)
+
+    return process_probs(logits.to(sampling_dtype(logits)), column("temperature", torch.float64),
+                         column("top_k", torch.int64), column("top_p", torch.float64), column("min_p", torch.float64))
+
+
 def exponential_noise(vocab_size: int, generators: list[torch.Generator], dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """One row of Exp(1) noise per generator: ``[len(generators), vocab_size]``, each drawn from its own generator."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cospec import kernels
-from cospec.decoding.sampling import process_probs
+from cospec.decoding.sampling import exponential_noise, process_probs_for, sample_from_probs
 
 
 @dataclass(slots=True)
@@ -78,14 +78,8 @@ def _verify_greedy(target_argmax: torch.Tensor, drafts: list[list[int]]) -> list
 
 def _verify_sampled(logits, drafts, draft_probs, params) -> list[list[int]]:
     device, vocab_size = logits.device, logits.shape[-1]
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    num_rows = torch.tensor([len(d) + 1 for d in drafts])
-    def expand(values, value_dtype=torch.float64):  # float64: a float32 0.8 would shift a float64 model's temperature
-        return torch.repeat_interleave(torch.tensor(values, dtype=value_dtype), num_rows).to(device)
-
-    target_probs = process_probs(logits.to(dtype), expand([float(p.temperature) for p in params]),
-                                 expand([p.top_k for p in params], torch.int64),
-                                 expand([float(p.top_p) for p in params]), expand([float(p.min_p) for p in params]))
+    target_probs = process_probs_for(logits, params, repeats=[len(d) + 1 for d in drafts])
+    dtype = target_probs.dtype
     # Each sequence draws its acceptance uniforms, then one noise row per window position, from its own generator.
     uniforms, noises = [], []
     for d, p in zip(drafts, params):
@@ -123,11 +117,8 @@ def defer(
         if p.generator is None:
             token = int(window[keep].argmax())
         else:
-            dtype = torch.float64 if window.dtype == torch.float64 else torch.float32
-            probs = process_probs(window[keep: keep + 1].to(dtype), torch.tensor([float(p.temperature)], dtype=torch.float64),
-                                  torch.tensor([p.top_k]), torch.tensor([float(p.top_p)], dtype=torch.float64),
-                                  torch.tensor([float(p.min_p)], dtype=torch.float64))
-            noise = torch.empty(1, window.shape[-1], dtype=dtype).exponential_(generator=p.generator)
-            token = int((probs / noise.to(probs.device)).argmax())
+            probs = process_probs_for(window[keep: keep + 1], [p])
+            noise = exponential_noise(window.shape[-1], [p.generator], probs.dtype, probs.device)
+            token = int(sample_from_probs(probs, noise)[0])
         out.append(d[:keep] + [token])
     return out

@@ -90,6 +90,24 @@ class SpeculativeConfig:
             raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence!r}")
 
 
+def choose_speculation(num_draft_tokens: int, draft=None, max_ngram_size: int | None = None,
+                       self_spec_layers: int | None = None,
+                       names: tuple[str, str, str] = ("draft", "prompt_lookup", "self_spec_layers")) -> SpeculativeConfig | None:
+    """The SpeculativeConfig for at most one of: a draft model, prompt lookup with n-grams up to ``max_ngram_size``,
+    or self-speculation from ``self_spec_layers`` layers; ``names`` are the caller's names of those three options,
+    for the error when several are given."""
+    chosen = [name for name, value in zip(names, (draft, max_ngram_size, self_spec_layers)) if value is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
+    if draft is not None:
+        return SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
+    if max_ngram_size is not None:
+        return SpeculativeConfig("prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram_size=max_ngram_size)
+    if self_spec_layers is not None:
+        return SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
+    return None
+
+
 @dataclass(slots=True)
 class FusionConfig:
     """A fusion group: the target plus ``members`` (HF models, names/paths of models, or ``NgramLM`` objects), whose

@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from cospec.engine.config import EngineConfig, SpeculativeConfig
+from cospec.engine.config import EngineConfig, choose_speculation
 from cospec.engine.llm_engine import LLMEngine
 from cospec.engine.sampling_params import SamplingParams
 
@@ -123,7 +123,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         top_k=0 if greedy else int(_resolve(config, "top_k") or 0), top_p=1.0 if greedy else float(_resolve(config, "top_p")),
         min_p=0.0 if greedy else float(config.min_p or 0.0), stop_token_ids=eos_ids, ignore_eos=True,
     )
-    speculative = _speculative_config(config, assistant_model)
+    speculative = choose_speculation(
+        config.prompt_lookup_num_tokens or config.num_assistant_tokens or 8, draft=assistant_model,
+        max_ngram_size=(config.max_matching_ngram_size or 2) if config.prompt_lookup_num_tokens else None,
+        self_spec_layers=config.assistant_early_exit or None,
+        names=("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
     if streamer is not None and len(prompts) > 1:
         raise ValueError("streamer supports batch size 1 only (as in Hugging Face)")
 
@@ -158,23 +162,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
 
         return GenerateDecoderOnlyOutput(sequences=sequences)
     return sequences
-
-
-def _speculative_config(config, assistant_model) -> SpeculativeConfig | None:
-    methods = {"assistant_model": assistant_model is not None,
-               "prompt_lookup_num_tokens": bool(config.prompt_lookup_num_tokens),
-               "assistant_early_exit": bool(config.assistant_early_exit)}
-    chosen = [name for name, on in methods.items() if on]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
-    if not chosen:
-        return None
-    k = config.prompt_lookup_num_tokens or config.num_assistant_tokens or 8
-    if chosen[0] == "assistant_model":
-        return SpeculativeConfig("draft", num_draft_tokens=k, draft_model=assistant_model)
-    if chosen[0] == "assistant_early_exit":
-        return SpeculativeConfig("self_spec", num_draft_tokens=k, self_spec_layers=config.assistant_early_exit)
-    return SpeculativeConfig("prompt_lookup", num_draft_tokens=k, max_ngram_size=config.max_matching_ngram_size or 2)
 
 
 def _context_len(model: nn.Module, needed: int) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from tqdm.auto import tqdm
 
-from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
+from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig, choose_speculation
 from cospec.engine.llm_engine import LLMEngine
 from cospec.engine.models import DEFAULT_MODEL
 from cospec.engine.sampling_params import SamplingParams
@@ -30,7 +30,7 @@ class LLM:
                  self_spec_layers: int | None = None, num_draft_tokens: int = 8,
                  speculative: SpeculativeConfig | None = None, fusion: FusionConfig | None = None,
                  **engine_options) -> None:
-        speculative = speculative or _speculative_config(draft, prompt_lookup, self_spec_layers, num_draft_tokens)
+        speculative = speculative or choose_speculation(num_draft_tokens, draft, prompt_lookup, self_spec_layers)
         self.engine = LLMEngine(model, EngineConfig(**engine_options), tokenizer=tokenizer, dtype=dtype, device=device,
                                 speculative=speculative, fusion=fusion)
         self.tokenizer = self.engine.tokenizer
@@ -77,17 +77,3 @@ class LLM:
             for out in outputs:
                 out.text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
         return outputs
-
-
-def _speculative_config(draft, prompt_lookup, self_spec_layers, num_draft_tokens) -> SpeculativeConfig | None:
-    chosen = [name for name, value in (("draft", draft), ("prompt_lookup", prompt_lookup),
-                                       ("self_spec_layers", self_spec_layers)) if value is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
-    if draft is not None:
-        return SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
-    if prompt_lookup is not None:
-        return SpeculativeConfig("prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram_size=prompt_lookup)
-    if self_spec_layers is not None:
-        return SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
-    return None

@@ -73,7 +73,7 @@ class LLMEngine:
             if speculative.method == "prompt_lookup":
                 self.proposer = PromptLookupProposer(speculative.max_ngram_size, speculative.min_ngram_size)
             elif speculative.method == "ngram":
-                self.proposer = NgramProposer(speculative.ngram_model)
+                self.proposer = NgramProposer(self._checked_ngram(speculative.ngram_model))
             else:
                 if draft_is_member:  # the small fusion member drafts from its own cache
                     draft_runner = next(r for r, m in zip(self.members, member_models) if m is draft_model)
@@ -94,36 +94,36 @@ class LLMEngine:
         members = []
         for member in fusion.members:
             if isinstance(member, NgramLM):
-                if member.vocab_size != self.vocab_size:
-                    raise ValueError(f"the n-gram member's vocabulary ({member.vocab_size} tokens) differs from the "
-                                     f"target's ({self.vocab_size})")
-                members.append(member)
+                members.append(self._checked_ngram(member))
                 continue
-            member_tokenizer = None
-            if isinstance(member, str):
-                from cospec.engine.models import load_model
-
-                member, member_tokenizer = load_model(member, dtype=dtype or next(self.model.parameters()).dtype,
-                                                      device=next(self.model.parameters()).device)
-            check_same_vocabulary(self.model, member, tokenizer, member_tokenizer)
-            members.append(member.eval())
+            members.append(self._companion_model(member, dtype, tokenizer))
         return members
 
     def _draft_source(self, speculative: SpeculativeConfig | None, dtype, tokenizer) -> tuple[nn.Module | None, int | None]:
         """(model that drafts, number of its layers used) for model-based speculation; (None, None) otherwise."""
-        if speculative is None or speculative.method == "prompt_lookup":
+        if speculative is None or speculative.method in ("prompt_lookup", "ngram"):
             return None, None
         if speculative.method == "self_spec":
             return self.model, speculative.self_spec_layers
-        draft = speculative.draft_model
-        draft_tokenizer = None
-        if isinstance(draft, str):
+        return self._companion_model(speculative.draft_model, dtype, tokenizer), None
+
+    def _checked_ngram(self, ngram: NgramLM) -> NgramLM:
+        if ngram.vocab_size != self.vocab_size:
+            raise ValueError(f"the n-gram model's vocabulary ({ngram.vocab_size} tokens) differs from the "
+                             f"target's ({self.vocab_size})")
+        return ngram
+
+    def _companion_model(self, model: nn.Module | str, dtype, tokenizer) -> nn.Module:
+        """A draft or fusion member: loaded (beside the target, in its dtype) when given by name or path, and checked
+        to share the target's vocabulary and device."""
+        companion_tokenizer = None
+        if isinstance(model, str):
             from cospec.engine.models import load_model
 
-            draft, draft_tokenizer = load_model(draft, dtype=dtype or next(self.model.parameters()).dtype,
-                                                device=next(self.model.parameters()).device)
-        check_same_vocabulary(self.model, draft, tokenizer, draft_tokenizer)
-        return draft.eval(), None
+            target = next(self.model.parameters())
+            model, companion_tokenizer = load_model(model, dtype=dtype or target.dtype, device=target.device)
+        check_same_vocabulary(self.model, model, tokenizer, companion_tokenizer)
+        return model.eval()
 
     def _num_blocks_for_budget(self, kv_per_token: int) -> int:
         per_block = kv_per_token * self.config.block_size
@@ -204,9 +204,12 @@ class LLMEngine:
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
-            if self._draft_runs_as_member:
-                self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
-        return [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
+        outputs = [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
+        if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
+            for s in scheduled:
+                if not s.seq.is_finished:
+                    self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
+        return outputs
 
     @staticmethod
     def _completes(s: ScheduledSeq) -> bool:
@@ -284,11 +287,8 @@ class LLMEngine:
             if len(stats.acceptance_histogram) <= len(draft.token_ids):
                 stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
             stats.acceptance_histogram[num_accepted] += 1
-        if isinstance(self.proposer, ModelDraftProposer):
-            if self._draft_runs_as_member:  # it ran over every token of the step with the target
-                self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
-            else:
-                self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
+        if isinstance(self.proposer, ModelDraftProposer) and not self._draft_runs_as_member:
+            self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
         return self._append(seq, tokens)

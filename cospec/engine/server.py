@@ -851,15 +851,14 @@ def serve_main(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from cospec.engine.config import EngineConfig
-    from cospec.engine.llm import _speculative_config
+    from cospec.engine.config import EngineConfig, choose_speculation
     from cospec.engine.llm_engine import LLMEngine
 
     if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
     options = ServeOptions(args.served_model_name or args.model, args.api_key, args.max_waiting,
                            args.max_tokens_limit, args.max_prompt_tokens, args.max_request_bytes, args.threads)
-    speculative = _speculative_config(args.draft, args.prompt_lookup, args.self_spec, args.num_draft_tokens)
+    speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec)
     config = EngineConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)
     engine = LLMEngine(args.model, config, dtype=args.dtype, device=args.device, speculative=speculative)

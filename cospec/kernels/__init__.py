@@ -12,20 +12,24 @@ import os
 
 import torch
 
+# Imported here, not per call: the dispatch functions run once per layer and step.
+from cospec.kernels import fuse_sample_kernel, rejection_sample_kernel, store_kv_kernel, verify_greedy_kernel
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_on(device_type: str) -> bool:
+    return device_type == "cuda" and HAS_TRITON and os.environ.get("COSPEC_DISABLE_TRITON", "0") != "1"
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor``'s op should run as a Triton kernel rather than its torch reference."""
-    return tensor.is_cuda and HAS_TRITON and os.environ.get("COSPEC_DISABLE_TRITON", "0") != "1"
+    return _triton_on(tensor.device.type)
 
 
 def backend_name(device: torch.device | str = "cuda") -> str:
     """Which implementation kernels take on ``device``: 'triton' or 'torch-reference'."""
-    device = torch.device(device)
-    if device.type == "cuda" and HAS_TRITON and os.environ.get("COSPEC_DISABLE_TRITON", "0") != "1":
-        return "triton"
-    return "torch-reference"
+    return "triton" if _triton_on(torch.device(device).type) else "torch-reference"
 
 
 def store_kv(
@@ -36,12 +40,10 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
     """Write each token's key and value into its cache slot (in place)."""
-    from cospec.kernels import store_kv_kernel as _mod
-
     if use_triton(key):
-        _mod.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
-        _mod.store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 def verify_greedy(
@@ -51,11 +53,9 @@ def verify_greedy(
     max_k: int,
 ) -> torch.Tensor:  # [batch, max_k + 1] int64, padded with -1
     """Accept drafts while they equal the target's argmax, then emit the target's token (recovered or bonus)."""
-    from cospec.kernels import verify_greedy_kernel as _mod
-
     if use_triton(target_argmax):
-        return _mod.verify_greedy(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
-    return _mod.verify_greedy_ref(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
+        return verify_greedy_kernel.verify_greedy(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
+    return verify_greedy_kernel.verify_greedy_ref(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
 
 
 def rejection_sample(
@@ -68,12 +68,10 @@ def rejection_sample(
     max_k: int,
 ) -> torch.Tensor:  # [batch, max_k + 1] int64, padded with -1
     """Speculative rejection sampling: accepted drafts, then a recovered or bonus token distributed as the target's."""
-    from cospec.kernels import rejection_sample_kernel as _mod
-
     args = (target_probs, draft_probs, draft_token_ids, cu_num_draft_tokens, uniform, exp_noise, max_k)
     if use_triton(target_probs):
-        return _mod.rejection_sample(*args)
-    return _mod.rejection_sample_ref(*args)
+        return rejection_sample_kernel.rejection_sample(*args)
+    return rejection_sample_kernel.rejection_sample_ref(*args)
 
 
 def fuse_sample(
@@ -87,9 +85,7 @@ def fuse_sample(
 ) -> torch.Tensor:  # [num_rows] int64
     """Fuse the members' logits per row (log-linear, contrastive or mixture) and sample one token: temperature
     and min-p in the kernel; rows that need top-k or top-p go through fusion.fuse_logits + process_probs."""
-    from cospec.kernels import fuse_sample_kernel as _mod
-
     args = (member_logits, weights, temperature, exp_noise, plausibility_alpha, is_mixture, min_p)
     if use_triton(member_logits):
-        return _mod.fuse_sample(*args)
-    return _mod.fuse_sample_ref(*args)
+        return fuse_sample_kernel.fuse_sample(*args)
+    return fuse_sample_kernel.fuse_sample_ref(*args)
