@@ -125,3 +125,12 @@ def test_fusion_systems_decode_the_fused_distribution():
     for name in ("cospec_fusion_ngram", "cospec_fusion_ngram_lookup"):
         result = make_system(name, model, None, max_batch=2, ngram=ngram).run(prompts, 12)
         assert result.outputs == [expected["0"], expected["1"]], name
+
+
+def test_fusion_quality_skips_license_headers_of_heldout_files():
+    from benchmarks.bench_fusion_quality import strip_leading_comments
+
+    text = "# Copyright 2025\n#\n# Licensed under ...\n\n\"\"\"Docs.\"\"\"\nimport os  # not a header\n# later comment\n"
+    assert strip_leading_comments(text) == "\"\"\"Docs.\"\"\"\nimport os  # not a header\n# later comment\n"
+    assert strip_leading_comments("# only a comment\n\n") == ""
+    assert strip_leading_comments("x = 1\n") == "x = 1\n"

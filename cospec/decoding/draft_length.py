@@ -1,39 +1,71 @@
 """How many drafts each sequence gets per step, from its acceptance history and measured step costs.
 
-Model: a window of k drafts whose tokens are each accepted with probability ``alpha`` (until the first rejection)
-emits ``E(k) = (1 - alpha^(k+1)) / (1 - alpha)`` tokens. A step that runs ``T`` target tokens costs about
-``a + b * T`` seconds (fitted online from measured forwards), and each draft token costs ``d`` more (measured
-proposer time per draft token). The batch's throughput ``R = sum_i E(k_i) / cost`` gains from the k-th draft of
-sequence i iff ``alpha_i^k > R * (b + d)``; we solve that fixed point in a few iterations. So drafting grows
-when a step is dominated by its fixed cost (small batches, accurate drafts) and shrinks to zero when the batch is
-big enough that extra verified tokens are no longer nearly free.
+Acceptance model: drafts are accepted up to the first rejection, and acceptance is bursty (a prompt-lookup draft
+inside copied text is accepted whole, one after an edit is rejected at once), so each sequence has two rates: ``p``,
+that its first draft token is accepted, and ``c``, that a draft token is accepted after an accepted one. The j-th
+draft then adds ``p * c^(j - 1)`` expected tokens, and a window of k drafts emits
+``E(k) = 1 + p * (1 + c + ... + c^(k-1))`` tokens. Both rates are decayed counts with a Beta(1, 1) prior.
+
+A step whose forward runs ``T`` tokens costs ``cost(T)`` seconds and each draft token ``d`` more (the proposer's
+measured time per draft token). The policy maximizes the step's throughput ``sum_i E(k_i) / (cost(T) + d * sum k_i)``:
+it hands out drafts one at a time, each to the sequence whose next draft adds the most expected tokens (which
+maximizes the expected tokens for every total), and keeps the total that gave the best throughput.
+
+``cost(T)`` is measured, not assumed: the mean time of recent forwards of that size, where the engine has run one
+(a linear fit ``a + b * T`` over all forwards fills in the other sizes). On the CPU a forward runs as
+``padded_tokens(T) >= T`` rows (``cospec.engine.cpu_linear.RowPlan``: MKL is faster at 16 rows than at 11), so costs
+are kept per padded size, and drafts that only fill rows the padding adds are free. So drafting grows where a step is
+dominated by its fixed cost (small batches, accurate drafts) and shrinks to zero where the batch is big enough that
+extra verified tokens are no longer nearly free.
 """
 
 from __future__ import annotations
 
-import math
+import heapq
 from dataclasses import dataclass, field
+from typing import Callable
+
+# A draft whose acceptance probability is below this is never worth its verification.
+_MIN_ACCEPTANCE = 1e-3
 
 
 @dataclass(slots=True)
 class AcceptanceStats:
-    """Decayed counts of accepted drafts and of draft trials (a Beta(1, 1) prior keeps alpha in (0, 1))."""
+    """Decayed counts for a sequence's two acceptance rates (see the module docstring)."""
 
-    accepted: float = 0.0
-    trials: float = 0.0
+    first_accepted: float = 0.0
+    first_trials: float = 0.0
+    next_accepted: float = 0.0
+    next_trials: float = 0.0
     steps_without_drafts: int = 0
 
     @property
-    def alpha(self) -> float:
-        return (self.accepted + 1.0) / (self.trials + 2.0)
+    def first_rate(self) -> float:
+        """p: the first draft token is accepted."""
+        return (self.first_accepted + 1.0) / (self.first_trials + 2.0)
+
+    @property
+    def next_rate(self) -> float:
+        """c: a draft token is accepted after an accepted one."""
+        return (self.next_accepted + 1.0) / (self.next_trials + 2.0)
+
+    def update(self, num_drafted: int, num_accepted: int, decay: float) -> None:
+        self.first_trials = self.first_trials * decay + 1
+        self.first_accepted = self.first_accepted * decay + (num_accepted > 0)
+        # Tokens 2..num_drafted were judged while every token before them was accepted, up to the first rejection.
+        self.next_trials = self.next_trials * decay + min(num_accepted, num_drafted - 1)
+        self.next_accepted = self.next_accepted * decay + max(num_accepted - 1, 0)
 
 
 @dataclass
 class CostModel:
-    """Online least-squares fit of step time = a + b * num_tokens, with exponential forgetting."""
+    """Step time by number of forward tokens: a per-size running mean where measured, else an online least-squares
+    fit ``a + b * num_tokens`` (both forget old measurements exponentially)."""
 
     decay: float = 0.95
+    size_weight: float = 0.3  # weight of a new measurement in its size's running mean
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, x, y, xx, xy
+    _by_size: dict[int, float] = field(default_factory=dict)
     draft_cost_per_token: float = 0.0
 
     def observe_forward(self, num_tokens: int, seconds: float) -> None:
@@ -44,6 +76,9 @@ class CostModel:
         s[3] += num_tokens * num_tokens
         s[4] += num_tokens * seconds
         self._sums = s
+        previous = self._by_size.get(num_tokens)
+        self._by_size[num_tokens] = seconds if previous is None else (
+            (1 - self.size_weight) * previous + self.size_weight * seconds)
 
     def observe_drafting(self, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens > 0:
@@ -51,7 +86,8 @@ class CostModel:
             self.draft_cost_per_token = 0.8 * self.draft_cost_per_token + 0.2 * per_token if self.draft_cost_per_token else per_token
 
     def coefficients(self) -> tuple[float, float]:
-        """(a, b); before enough spread in the data, b defaults to a tenth of the mean step time per token."""
+        """(a, b) of the linear fit; before enough spread in the data, b defaults to a tenth of the mean step time
+        per token."""
         n, x, y, xx, xy = self._sums
         if n < 1e-9:
             return 1.0, 0.05
@@ -63,9 +99,18 @@ class CostModel:
         a = max(y / n - b * x / n, b)
         return a, b
 
+    def step_seconds(self, num_tokens: int) -> float:
+        """Predicted time of a forward over ``num_tokens`` tokens."""
+        measured = self._by_size.get(num_tokens)
+        if measured is not None:
+            return measured
+        a, b = self.coefficients()
+        return a + b * num_tokens
+
 
 class DraftLengthPolicy:
-    def __init__(self, max_draft_tokens: int, adaptive: bool = True, probe_interval: int = 8, decay: float = 0.9):
+    def __init__(self, max_draft_tokens: int, adaptive: bool = True, probe_interval: int = 8, decay: float = 0.9,
+                 padded_tokens: Callable[[int], int] | None = None):
         if max_draft_tokens < 0:
             raise ValueError(f"max_draft_tokens must be >= 0, got {max_draft_tokens}")
         self.max_draft_tokens = max_draft_tokens
@@ -74,6 +119,10 @@ class DraftLengthPolicy:
         self.decay = decay
         self.stats: dict[int, AcceptanceStats] = {}
         self.costs = CostModel()
+        self.padded_tokens = padded_tokens or (lambda num_tokens: num_tokens)
+
+    def observe_forward(self, num_tokens: int, seconds: float) -> None:
+        self.costs.observe_forward(self.padded_tokens(num_tokens), seconds)
 
     def release(self, seq_id: int) -> None:
         self.stats.pop(seq_id, None)
@@ -84,8 +133,7 @@ class DraftLengthPolicy:
             stats.steps_without_drafts += 1
             return
         stats.steps_without_drafts = 0
-        stats.accepted = stats.accepted * self.decay + num_accepted
-        stats.trials = stats.trials * self.decay + num_accepted + (1 if num_accepted < num_drafted else 0)
+        stats.update(num_drafted, num_accepted, self.decay)
 
     def choose(self, seq_ids: list[int], num_other_tokens: int = 0) -> dict[int, int]:
         """Drafts per decoding sequence this step; ``num_other_tokens``: prefill tokens sharing the forward."""
@@ -93,23 +141,46 @@ class DraftLengthPolicy:
             return {s: 0 for s in seq_ids}
         if not self.adaptive:
             return {s: self.max_draft_tokens for s in seq_ids}
-        a, b = self.costs.coefficients()
-        marginal_cost = b + self.costs.draft_cost_per_token
-        alphas = {s: min(self.stats.get(s, AcceptanceStats()).alpha, 0.999) for s in seq_ids}
-        k = {s: 0 for s in seq_ids}
-        for _ in range(4):  # fixed point of: k_i = #{j >= 1 : alpha_i^j > R * marginal_cost}
-            emitted = sum((1 - alphas[s] ** (k[s] + 1)) / (1 - alphas[s]) for s in seq_ids)
-            cost = a + b * (num_other_tokens + len(seq_ids) + sum(k.values())) + self.costs.draft_cost_per_token * sum(k.values())
-            threshold = emitted / cost * marginal_cost
-            for s in seq_ids:
-                if threshold >= 1.0:
-                    k[s] = 0
-                elif threshold <= 0.0:
-                    k[s] = self.max_draft_tokens
-                else:
-                    k[s] = max(0, min(self.max_draft_tokens, math.ceil(math.log(threshold) / math.log(alphas[s])) - 1))
+        rates = {}
+        for s in seq_ids:
+            stats = self.stats.get(s) or AcceptanceStats()
+            rates[s] = (stats.first_rate, min(stats.next_rate, 0.999))
+        best_total = self._best_num_drafts(rates, num_other_tokens + len(seq_ids))
+        k = self._allocate(rates, best_total)
         for s in seq_ids:  # re-test sequences that drafting was switched off for, now and then
             stats = self.stats.get(s)
             if k[s] == 0 and stats is not None and stats.steps_without_drafts >= self.probe_interval:
                 k[s] = 1
+        return k
+
+    def _best_num_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> int:
+        """The number of drafts in the step that maximizes its expected throughput."""
+        draft_cost = self.costs.draft_cost_per_token
+        emitted = float(len(rates))
+        best_rate, best_total = emitted / self.costs.step_seconds(self.padded_tokens(base_tokens)), 0
+        for total, (_, gain) in enumerate(self._greedy_drafts(rates), start=1):
+            emitted += gain
+            rate = emitted / (self.costs.step_seconds(self.padded_tokens(base_tokens + total)) + draft_cost * total)
+            if rate > best_rate:
+                best_rate, best_total = rate, total
+        return best_total
+
+    def _greedy_drafts(self, rates: dict[int, tuple[float, float]]):
+        """(sequence, expected tokens it adds) of each next draft: to the sequence whose next draft adds the most
+        (``p_i * c_i^k_i``), until every sequence has ``max_draft_tokens``."""
+        heap = [(-first, s, 1) for s, (first, _) in rates.items()]
+        heapq.heapify(heap)
+        while heap:
+            neg_gain, s, k = heapq.heappop(heap)
+            if -neg_gain < _MIN_ACCEPTANCE:
+                return
+            yield s, -neg_gain
+            if k < self.max_draft_tokens:
+                heapq.heappush(heap, (neg_gain * rates[s][1], s, k + 1))
+
+    def _allocate(self, rates: dict[int, tuple[float, float]], num_drafts: int) -> dict[int, int]:
+        """Per-sequence draft lengths after the first ``num_drafts`` greedy drafts."""
+        k = {s: 0 for s in rates}
+        for _, (s, _) in zip(range(num_drafts), self._greedy_drafts(rates)):
+            k[s] += 1
         return k

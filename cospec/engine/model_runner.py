@@ -19,7 +19,7 @@ from torch import nn
 from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
-from cospec.engine.cpu_linear import cpu_linears, fast_cpu_linears
+from cospec.engine.cpu_linear import RowPlan, cpu_linears, fast_cpu_linears, row_plan
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 
@@ -41,6 +41,7 @@ class ModelRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
+        self.row_plan = row_plan(self._linears) if self._linears else RowPlan()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     # ---- metadata ------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class ModelRunner:
         if self.num_layers is not None:
             self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
-            with fast_cpu_linears(self._linears):
+            with fast_cpu_linears(self._linears, self.row_plan):
                 yield
         finally:
             config._attn_implementation = previous

@@ -1,0 +1,54 @@
+"""The CPU linear fast path: padded rows give the same results, the plan is sane, the model is left unchanged."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cospec.engine.cpu_linear import (RowPlan, cpu_linears, fast_cpu_linears, fast_linear_forward, measure_row_plan,
+                                      row_plan)
+
+PAD_TO_16 = RowPlan(tuple([0] + [16 if r <= 16 else r for r in range(1, 33)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 5, 11, 16, 17, 40])
+def test_padded_rows_equal_f_linear(dtype, bias, rows):
+    torch.manual_seed(rows)
+    layer = nn.Linear(37, 23, bias=bias, dtype=dtype)
+    x = torch.randn(1, rows, 37, dtype=dtype)
+    expected = F.linear(x, layer.weight, layer.bias)
+    for plan in (RowPlan(), PAD_TO_16):
+        out = fast_linear_forward(layer, x, plan)
+        assert out.shape == expected.shape and out.is_contiguous()
+        torch.testing.assert_close(out, expected)
+
+
+def test_measured_plan_pads_within_bounds():
+    weights = [torch.randn(48, 32), torch.randn(32, 48)]
+    plan = measure_row_plan(weights, max_rows=20, repeats=1)
+    assert len(plan.padded) == 21 and plan.padded[0] == 0
+    for rows in range(1, 21):
+        assert rows <= plan.rows_for(rows) <= min(20, 2 * rows + 8)
+    assert plan.rows_for(21) == 21 and plan.rows_for(500) == 500
+
+
+def test_plan_is_cached_per_shapes_and_threads():
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))
+    linears = cpu_linears(model)
+    assert row_plan(linears) is row_plan(cpu_linears(nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))))
+
+
+def test_fast_linears_are_restored_after_the_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 8)
+    expected = model(x)
+    linears = cpu_linears(model)
+    assert len(linears) == 2
+    with fast_cpu_linears(linears, PAD_TO_16):
+        assert all("forward" in m.__dict__ for m in linears)
+        torch.testing.assert_close(model(x), expected)
+    assert all("forward" not in m.__dict__ for m in linears)
+    torch.testing.assert_close(model(x), expected)

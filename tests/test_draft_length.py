@@ -1,0 +1,101 @@
+"""The adaptive draft length: acceptance model, measured step costs, padded rows, allocation across sequences."""
+
+import pytest
+
+from cospec.decoding.draft_length import AcceptanceStats, CostModel, DraftLengthPolicy
+
+
+def _policy(max_draft_tokens=10, costs=(), padded_tokens=None, **kwargs) -> DraftLengthPolicy:
+    policy = DraftLengthPolicy(max_draft_tokens, padded_tokens=padded_tokens, **kwargs)
+    for num_tokens, seconds in costs:
+        for _ in range(3):
+            policy.observe_forward(num_tokens, seconds)
+    return policy
+
+
+def _record(policy, seq_id, windows):
+    for drafted, accepted in windows:
+        policy.record(seq_id, drafted, accepted)
+
+
+def test_acceptance_stats_separate_first_and_next_rates():
+    stats = AcceptanceStats()
+    for _ in range(20):  # bursty: a window is accepted whole or rejected at its first token
+        stats.update(8, 8, decay=1.0)
+        stats.update(8, 0, decay=1.0)
+    assert stats.first_rate == pytest.approx(21 / 42)
+    assert stats.next_rate == pytest.approx((20 * 7 + 1) / (20 * 7 + 2))  # every token after an accepted one
+    stats = AcceptanceStats()
+    stats.update(4, 2, decay=1.0)  # tokens 2 (accepted) and 3 (rejected) came after accepted ones
+    assert (stats.first_accepted, stats.first_trials, stats.next_accepted, stats.next_trials) == (1, 1, 1, 2)
+
+
+def test_cost_model_prefers_measured_sizes_over_the_fit():
+    costs = CostModel()
+    for num_tokens, seconds in [(1, 0.04), (4, 0.05), (16, 0.09), (32, 0.15)]:
+        costs.observe_forward(num_tokens, seconds)
+    assert costs.step_seconds(16) == pytest.approx(0.09)
+    a, b = costs.coefficients()
+    assert costs.step_seconds(8) == pytest.approx(a + b * 8)
+    assert 0.05 < costs.step_seconds(8) < 0.09
+    costs.observe_forward(16, 0.19)  # a running mean, not the last value
+    assert 0.09 < costs.step_seconds(16) < 0.19
+
+
+def test_cheap_verification_and_accurate_drafts_draft_the_maximum():
+    policy = _policy(costs=[(1, 0.05), (6, 0.0501), (11, 0.0502)])
+    _record(policy, 0, [(10, 10)] * 10)
+    assert policy.choose([0]) == {0: 10}
+
+
+def test_expensive_verification_or_bad_drafts_switch_drafting_off():
+    expensive = _policy(costs=[(1, 0.05), (6, 0.30), (11, 0.55)])
+    _record(expensive, 0, [(10, 10)] * 10)
+    assert expensive.choose([0]) == {0: 0}
+    bad = _policy(costs=[(1, 0.05), (6, 0.10), (11, 0.15)])
+    _record(bad, 0, [(5, 0)] * 30)
+    assert bad.choose([0]) == {0: 0}
+
+
+def test_rows_that_padding_adds_are_filled_for_free():
+    # A 9-token step runs as 16 rows and costs what 16 costs; 8 rows are cheaper than 16.
+    padded = lambda n: 16 if 9 <= n <= 16 else n  # noqa: E731
+    policy = _policy(max_draft_tokens=15, costs=[(1, 0.04), (8, 0.06), (16, 0.09)], padded_tokens=padded)
+    _record(policy, 0, [(8, 8), (8, 0)] * 10)  # p ~ 0.5, c ~ 1
+    k = policy.choose([0])[0]
+    assert k in (7, 15)  # 8 or 16 rows, never a size that pays for 16 rows and uses fewer
+    assert policy.costs.step_seconds(16) == pytest.approx(0.09)
+    policy.observe_forward(11, 0.12)  # observed as the padded size
+    assert policy.costs.step_seconds(16) > 0.09
+
+
+def test_drafts_go_to_the_sequences_most_likely_to_accept_them():
+    policy = _policy(costs=[(2, 0.05), (5, 0.07), (8, 0.09), (12, 0.12), (22, 0.2)])
+    _record(policy, 0, [(10, 10)] * 20)
+    _record(policy, 1, [(10, 0)] * 20)
+    k = policy.choose([0, 1])
+    assert k[0] > 0 and k[1] == 0
+
+
+def test_prefill_in_the_same_step_makes_drafts_relatively_cheaper():
+    costs = [(1, 0.04), (4, 0.05), (11, 0.09), (201, 0.9), (205, 0.905), (211, 0.91)]
+    policy = _policy(costs=costs)
+    _record(policy, 0, [(10, 3)] * 20)
+    alone, with_prefill = policy.choose([0])[0], policy.choose([0], num_other_tokens=200)[0]
+    assert with_prefill > alone
+
+
+def test_switched_off_sequences_are_probed_again():
+    policy = _policy(costs=[(1, 0.05), (6, 0.3)], probe_interval=3)
+    _record(policy, 0, [(4, 0)] * 5)
+    assert policy.choose([0]) == {0: 0}
+    _record(policy, 0, [(0, 0)] * 3)
+    assert policy.choose([0]) == {0: 1}
+
+
+def test_fixed_and_zero_draft_lengths():
+    assert _policy(max_draft_tokens=0).choose([1, 2]) == {1: 0, 2: 0}
+    assert _policy(max_draft_tokens=7, adaptive=False).choose([1, 2]) == {1: 7, 2: 7}
+    assert _policy().choose([]) == {}
+    with pytest.raises(ValueError, match="max_draft_tokens"):
+        DraftLengthPolicy(-1)
