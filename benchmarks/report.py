@@ -60,6 +60,30 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+# (system, baseline): cospec methods against the HF method they replace and against cospec's own plain decoding.
+PAIRS = (("cospec_prompt_lookup", "hf_prompt_lookup"), ("cospec_draft", "hf_assisted"),
+         ("cospec_prompt_lookup", "cospec"), ("cospec_self_spec", "cospec"), ("cospec_draft", "cospec"),
+         ("cospec_fusion_ngram_lookup", "cospec_fusion_ngram"))
+
+
+def pairwise(records: list[dict]) -> list[dict]:
+    """For each pair of ``PAIRS`` run on the same prompts: the median over batches of the tokens/s ratio."""
+    speed = {(r["workload"], r["batch_size"], r["batch_start"], r["system"]): r["tokens_per_s"] for r in records
+             if "unsupported" not in r}
+    cells = dict.fromkeys((w, b) for w, b, _, _ in speed)
+    rows = []
+    for system, baseline in PAIRS:
+        for workload, batch_size in cells:
+            ratios = [speed[w, b, start, system] / speed[w, b, start, baseline]
+                      for (w, b, start, name) in speed
+                      if (w, b, name) == (workload, batch_size, system) and (w, b, start, baseline) in speed]
+            if ratios:
+                rows.append({"system": system, "baseline": baseline, "workload": workload, "batch_size": batch_size,
+                             "median_ratio": _median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+                             "num_batches": len(ratios)})
+    return rows
+
+
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(value * scale, spec)
 
@@ -90,6 +114,13 @@ def markdown(results: dict) -> str:
             f" {_fmt(row['target_forwards_per_token'], '.2f')} | {row['identical_to_hf'] or '–'} |"
             f" {row['peak_rss_increase_mb']:.0f} |")
     lines += ["", f"Process peak RSS: {results['process_peak_rss_bytes'] / 2**20:.0f} MB."]
+    pairs = pairwise(results["records"])
+    if pairs:
+        lines += ["", "Pairwise (tokens/s ratio per batch of prompts, median (min–max)):", "",
+                  "| workload | batch | system | baseline | ratio | batches |", "|---|---:|---|---|---|---:|"]
+        lines += [f"| {p['workload']} | {p['batch_size']} | {p['system']} | {p['baseline']} |"
+                  f" {p['median_ratio']:.2f}x ({p['min_ratio']:.2f}–{p['max_ratio']:.2f}) | {p['num_batches']} |"
+                  for p in pairs]
     return "\n".join(lines) + "\n"
 
 

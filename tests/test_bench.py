@@ -81,6 +81,13 @@ def test_report_summarizes_pairwise_speedups_and_identity(tmp_path):
     table = report.markdown(results)
     assert "| rewrite | 1 | cospec_prompt_lookup | 30.0 (30.0–30.0) | 2.25x |" in table
     assert "unsupported (batch size 1 only)" in table
+    assert report.pairwise(records) == []  # no pair of PAIRS ran here
+    records += [_record("hf_prompt_lookup", 0, 15.0, [[1, 2, 3]]), _record("hf_prompt_lookup", 1, 10.0, [[4, 5]])]
+    pairs = report.pairwise(records)
+    assert [(p["system"], p["baseline"]) for p in pairs] == [("cospec_prompt_lookup", "hf_prompt_lookup")]
+    assert pairs[0]["median_ratio"] == pytest.approx((2.0 + 3.0) / 2) and pairs[0]["num_batches"] == 2
+    assert "| rewrite | 1 | cospec_prompt_lookup | hf_prompt_lookup | 2.50x (2.00–3.00) | 2 |" in report.markdown(
+        dict(results, records=records))
     for path in report.plots(results, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -91,6 +91,13 @@ def test_switched_off_sequences_are_probed_again():
     assert policy.choose([0]) == {0: 0}
     _record(policy, 0, [(0, 0)] * 3)
     assert policy.choose([0]) == {0: 1}
+    _record(policy, 0, [(1, 0)])  # a failed probe: the next one waits twice as long
+    _record(policy, 0, [(0, 0)] * 5)
+    assert policy.choose([0]) == {0: 0}
+    _record(policy, 0, [(0, 0)])
+    assert policy.choose([0]) == {0: 1}
+    _record(policy, 0, [(1, 1)])  # a successful probe resets the wait
+    assert policy.stats[0].probe_interval == 3
 
 
 def test_fixed_and_zero_draft_lengths():

@@ -27,6 +27,8 @@ from typing import Callable
 
 # A draft whose acceptance probability is below this is never worth its verification.
 _MIN_ACCEPTANCE = 1e-3
+# The longest wait, in steps, between probes of a sequence that drafting was switched off for.
+_MAX_PROBE_INTERVAL = 256
 
 
 @dataclass(slots=True)
@@ -38,6 +40,7 @@ class AcceptanceStats:
     next_accepted: float = 0.0
     next_trials: float = 0.0
     steps_without_drafts: int = 0
+    probe_interval: int = 0  # steps without drafts before the next probe; 0 = the policy's base interval
 
     @property
     def first_rate(self) -> float:
@@ -132,8 +135,16 @@ class DraftLengthPolicy:
         if num_drafted == 0:
             stats.steps_without_drafts += 1
             return
+        if stats.steps_without_drafts >= self._probe_interval(stats):  # this window was a probe
+            # A failed probe doubles the wait before the next one (a draft that never matches costs less and
+            # less); a successful one resets it.
+            stats.probe_interval = self.probe_interval if num_accepted else min(2 * self._probe_interval(stats),
+                                                                                _MAX_PROBE_INTERVAL)
         stats.steps_without_drafts = 0
         stats.update(num_drafted, num_accepted, self.decay)
+
+    def _probe_interval(self, stats: AcceptanceStats) -> int:
+        return stats.probe_interval or self.probe_interval
 
     def choose(self, seq_ids: list[int], num_other_tokens: int = 0) -> dict[int, int]:
         """Drafts per decoding sequence this step; ``num_other_tokens``: prefill tokens sharing the forward."""
@@ -149,7 +160,7 @@ class DraftLengthPolicy:
         k = self._allocate(rates, best_total)
         for s in seq_ids:  # re-test sequences that drafting was switched off for, now and then
             stats = self.stats.get(s)
-            if k[s] == 0 and stats is not None and stats.steps_without_drafts >= self.probe_interval:
+            if k[s] == 0 and stats is not None and stats.steps_without_drafts >= self._probe_interval(stats):
                 k[s] = 1
         return k
 
