@@ -1,58 +1,123 @@
-"""A faster linear layer for few rows on the CPU.
+"""Faster linear layers for few rows on the CPU.
 
-``F.linear(x, W)`` with a handful of rows goes through oneDNN's small-batch path, which on the 2-core AVX-512
-machines we measure reaches about a third of the memory bandwidth that MKL's gemm gets for ``W @ x.T``
-(SmolLM2-135M, all 211 projections, 1 row: 52 ms against 19 ms). Decoding is exactly this case, so the model
-runner swaps every ``nn.Linear.forward`` of the model for ``fast_linear_forward`` while cospec runs it, and puts the
-original back afterwards: the user's model object is unchanged outside cospec's forwards.
+Decoding and verification multiply each weight matrix by a handful of rows, where the default ``F.linear`` is far
+from the machine's memory bandwidth. Measured on the 2-core AVX-512 machine we use, the 210 projections of
+SmolLM2-135M without the LM head, float32, best of 5 (numbers vary by machine; the plan below is measured on each):
 
-MKL's gemm time is not monotone in the number of rows: its kernels work on blocks of columns, and a block that is
-not full takes a slow path. On the same machine all SmolLM2 projections take 75 ms for 11 rows, 113 ms for 15 and
-60 ms for 16. A ``RowPlan``, measured once per process on the model's own weight shapes, says for each row count
-how many rows to run (the real ones plus zero rows) so that the gemm takes its fastest path; verifying a window of
-drafts is exactly such an odd row count.
+    rows                                1      2      4      8     16     32     64
+    F.linear (oneDNN, plain weight)      39     55     50     54     63     88    136  ms
+    W @ x.T (MKL gemm; 1 row as 2)       15     15     26     39     50     72    112  ms
+    oneDNN with prepacked weights        21     22     18     22     28     44     80  ms
+
+So cospec runs each ``nn.Linear`` of the model, inside its own forwards only, through the fastest of two paths:
+- ``W @ x.T`` with MKL (one row is run as two: MKL's single-column path is as slow as ``F.linear``), and
+- oneDNN's matmul on a copy of the weight reordered once into its blocked layout ("prepacked", as torch.compile's
+  CPU freezing does), float32 and bfloat16 only. Prepacked copies cost as much memory as the weights; they are made
+  on first use, shared by every engine on the same model, and remade when a weight changes (its version counter).
+
+MKL's time is not even monotone in the number of rows (its kernels work on blocks of columns: 11 rows take longer
+than 16), so a ``RowPlan`` measured once per process on the model's own weight shapes says, for each row count, which
+path to take and how many rows to run (the real ones plus zero rows). The original forward is put back after each of
+cospec's forwards: the user's model object is unchanged outside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Above this many rows the two paths converge (both become compute-bound gemms).
-MAX_FAST_ROWS = 256
-# Row counts up to this are padded per the measured plan; above it the relative gain of padding is small.
+# Row counts up to this are planned one by one; above it (prefill chunks) one measurement at
+# ``_LARGE_ROWS`` rows decides between prepacked oneDNN and F.linear (MKL's W @ x.T is the slowest there).
 MAX_PLANNED_ROWS = 48
-# Pad only where the measured time drops by more than this fraction (measurement noise must not decide).
+_LARGE_ROWS = 64
+# A path or padding must be measured this much faster than the plain W @ x.T to be chosen (noise must not decide).
 _MIN_GAIN = 0.1
 # Weights larger than this are left out of the measurement (the LM head): they take long and follow the same pattern.
 _MAX_MEASURED_WEIGHT = 1 << 22
+# The measurement streams at least this many bytes of weights per row count, more than a CPU's last-level cache:
+# decoding reads every weight from memory, and a cache-resident weight would show another cost curve.
+_MEASURED_BYTES = 48 << 20
+# oneDNN's reordered layout is chosen for this many rows; it serves every row count.
+_PACK_ROWS_HINT = 16
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass(frozen=True, slots=True)
 class RowPlan:
-    """``padded[r]``: the rows to run a gemm with when ``r`` rows are asked for (``r <= len(padded) - 1``)."""
+    """For ``r`` rows (``r < len(padded)``): run ``padded[r]`` rows, through prepacked oneDNN if ``packed[r]``; more
+    rows run through prepacked oneDNN if ``packed_large``, else through ``F.linear``."""
 
     padded: tuple[int, ...] = ()
+    packed: tuple[bool, ...] = ()
+    packed_large: bool = False
 
     def rows_for(self, rows: int) -> int:
         return self.padded[rows] if rows < len(self.padded) else rows
 
+    def uses_packed(self, rows: int) -> bool:
+        return self.packed[rows] if rows < len(self.packed) else self.packed_large
+
+
+# ---- prepacked weights ----
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+
+
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedWeights:
+    """Prepacked copies of linear weights, per module, made on first use and remade when the weight changes."""
+
+    def __init__(self) -> None:
+        self._packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight, version, packed)
+
+    def get(self, module: nn.Linear) -> torch.Tensor:
+        weight = module.weight
+        entry = self._packs.get(module)
+        if entry is None or entry[0] is not weight or entry[1] != weight._version:
+            with torch.inference_mode():
+                entry = (weight, weight._version, _pack(weight))
+            self._packs[module] = entry
+        return entry[2]
+
+
+_packed_weights = PackedWeights()
+
+
+# ---- the forward ----
+
 
 def fast_linear_forward(self: nn.Linear, x: torch.Tensor, plan: RowPlan = RowPlan()) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_FAST_ROWS or rows == 0 or x.dtype != self.weight.dtype:
+    if rows == 0 or x.dtype != self.weight.dtype:
         return F.linear(x, self.weight, self.bias)
     x2 = x.reshape(rows, x.shape[-1])
+    run_rows = plan.rows_for(rows)
+    if plan.uses_packed(rows) and self.weight.dtype in _PACKABLE_DTYPES:
+        if run_rows > rows:
+            x2 = F.pad(x2, (0, 0, 0, run_rows - rows))
+        y = _packed_matmul(x2.contiguous(), _packed_weights.get(self), self.bias)[:rows]
+        return y.view(*x.shape[:-1], y.shape[-1])
+    if rows >= len(plan.padded) and rows > MAX_PLANNED_ROWS:
+        return F.linear(x, self.weight, self.bias)
     # MKL takes its slow gemv path for a single column: run at least two (zero) columns.
-    padded_rows = max(plan.rows_for(rows), 2)
-    if padded_rows > rows:
-        x2 = F.pad(x2, (0, 0, 0, padded_rows - rows))
+    run_rows = max(run_rows, 2)
+    if run_rows > rows:
+        x2 = F.pad(x2, (0, 0, 0, run_rows - rows))
     y = torch.mm(self.weight, x2.t()).t()[:rows].contiguous()  # [rows, out_features]
     if self.bias is not None:
         y += self.bias
@@ -77,47 +142,79 @@ def cpu_linears(model: nn.Module) -> list[nn.Linear]:
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.float64)]
 
 
+# ---- the plan ----
+
+
 _plans: dict[tuple, RowPlan] = {}
-# The measurement streams at least this many bytes of weights per row count, more than a CPU's last-level cache:
-# decoding reads every weight from memory, and a cache-resident weight would show another cost curve.
-_MEASURED_BYTES = 48 << 20
 
 
-def row_plan(linears: list[nn.Linear]) -> RowPlan:
+def row_plan(linears: list[nn.Linear], allow_packed: bool = True) -> RowPlan:
     """The measured ``RowPlan`` for these layers (measured on the first call, then cached per process for the same
-    weight shapes and thread count). It is measured on the layers themselves (the LM head left out: it takes long
-    and follows the same pattern), in model order, until they hold ``_MEASURED_BYTES``; about 1 s for SmolLM2."""
-    shapes = Counter((tuple(m.weight.shape), m.weight.dtype) for m in linears)
-    key = (tuple(sorted(shapes.items(), key=str)), torch.get_num_threads())
+    weight shapes, thread count and ``allow_packed``). It is measured on the layers themselves (the LM head left out:
+    it takes long and follows the same pattern), in model order, until they hold ``_MEASURED_BYTES``; about 2 s for
+    SmolLM2."""
+    shapes = tuple(sorted({(tuple(m.weight.shape), m.weight.dtype) for m in linears}, key=str))
+    key = (shapes, torch.get_num_threads(), allow_packed)
     if key not in _plans:
         weights, total = [], 0
         for m in linears:
             if m.weight.numel() <= _MAX_MEASURED_WEIGHT and total < _MEASURED_BYTES:
                 weights.append(m.weight.detach())
                 total += m.weight.numel() * m.weight.element_size()
-        _plans[key] = measure_row_plan(weights or [linears[0].weight.detach()])
+        weights = weights or [linears[0].weight.detach()]
+        packable = allow_packed and packing_available() and all(w.dtype in _PACKABLE_DTYPES for w in weights)
+        _plans[key] = measure_row_plan(weights, packed=packable)
     return _plans[key]
 
 
 @torch.inference_mode()
-def measure_row_plan(weights: list[torch.Tensor], max_rows: int = MAX_PLANNED_ROWS, repeats: int = 3) -> RowPlan:
-    """Time ``W @ x.T`` over all ``weights`` for every row count up to ``max_rows`` (the minimum of ``repeats``
-    passes: other processes only ever add time); each row count then runs as the count in ``[r, 2r + 8]`` that took
-    least time, where that is more than ``_MIN_GAIN`` faster than ``r`` itself."""
+def measure_row_plan(weights: list[torch.Tensor], max_rows: int = MAX_PLANNED_ROWS, repeats: int = 3,
+                     packed: bool = False) -> RowPlan:
+    """Time ``W @ x.T`` (and, if ``packed``, prepacked oneDNN) over all ``weights`` for every row count up to
+    ``max_rows`` (the minimum of ``repeats`` passes: other processes only ever add time). Each row count then takes
+    the (path, count in ``[r, 2r + 8]``) that was fastest, each choice more than ``_MIN_GAIN`` faster than the one
+    it replaces (starting from plain ``W @ x.T`` on ``r`` rows)."""
     inputs = {(w.shape[1], w.dtype) for w in weights}
-    seconds = [0.0] * (max_rows + 1)
+    packs = [_pack(w) for w in weights] if packed else []
+    paths = {"mkl": [float("inf")] * (max_rows + 1), "packed": [float("inf")] * (max_rows + 1)}
     for rows in range(1, max_rows + 1):
         xs = {key: torch.randn(rows, key[0], dtype=key[1]) for key in inputs}
-        best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             for w in weights:
                 torch.mm(w, xs[w.shape[1], w.dtype].t())
-            best = min(best, time.perf_counter() - start)
-        seconds[rows] = best
-    padded = [0]
+            paths["mkl"][rows] = min(paths["mkl"][rows], time.perf_counter() - start)
+            if packs:
+                start = time.perf_counter()
+                for w, p in zip(weights, packs):
+                    _packed_matmul(xs[w.shape[1], w.dtype], p, None)
+                paths["packed"][rows] = min(paths["packed"][rows], time.perf_counter() - start)
+    def seconds(path: str, rows: int) -> float:
+        return paths[path][max(rows, 2) if path == "mkl" else rows]  # MKL runs one row as two
+
+    padded, use_packed = [0], [False]
     for rows in range(1, max_rows + 1):
-        candidates = range(rows, min(max_rows, 2 * rows + 8) + 1)
-        fastest = min(candidates, key=lambda r: seconds[r])
-        padded.append(fastest if seconds[fastest] < (1 - _MIN_GAIN) * seconds[rows] else rows)
-    return RowPlan(tuple(padded))
+        # Unpadded paths first, then padded ones; each choice must beat the previous one by _MIN_GAIN.
+        candidates = [(path, rows) for path in ("packed",)] + [
+            (path, r) for path in ("mkl", "packed") for r in range(rows + 1, min(max_rows, 2 * rows + 8) + 1)]
+        best_path, best_rows = "mkl", rows
+        for path, r in candidates:
+            if seconds(path, r) < (1 - _MIN_GAIN) * seconds(best_path, best_rows):
+                best_path, best_rows = path, r
+        padded.append(best_rows)
+        use_packed.append(best_path == "packed")
+    packed_large = False
+    if packs:
+        xs = {key: torch.randn(_LARGE_ROWS, key[0], dtype=key[1]) for key in inputs}
+        large = {"linear": float("inf"), "packed": float("inf")}
+        for _ in range(2):
+            start = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1], w.dtype], w)
+            large["linear"] = min(large["linear"], time.perf_counter() - start)
+            start = time.perf_counter()
+            for w, p in zip(weights, packs):
+                _packed_matmul(xs[w.shape[1], w.dtype], p, None)
+            large["packed"] = min(large["packed"], time.perf_counter() - start)
+        packed_large = large["packed"] < (1 - _MIN_GAIN) * large["linear"]
+    return RowPlan(tuple(padded), tuple(use_packed), packed_large)

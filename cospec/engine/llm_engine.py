@@ -60,10 +60,12 @@ class LLMEngine:
                                                draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear)
+        self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
+                                  packed_cpu_weights=config.packed_cpu_weights)
         # Fusion members: a runner (own paged KV pool) per model member; n-gram members need no cache.
         self.members = [m if isinstance(m, NgramLM) else
-                        ModelRunner(m, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear)
+                        ModelRunner(m, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
+                                    packed_cpu_weights=config.packed_cpu_weights)
                         for m in member_models]
         self.scheduler = Scheduler(config, self.block_manager)
         self.proposer = None
@@ -79,7 +81,8 @@ class LLMEngine:
                     draft_runner = next(r for r, m in zip(self.members, member_models) if m is draft_model)
                 else:
                     draft_runner = ModelRunner(draft_model, self.block_manager, num_blocks, kv_dtype,
-                                               config.fast_cpu_linear, num_layers=draft_layers)
+                                               config.fast_cpu_linear, num_layers=draft_layers,
+                                               packed_cpu_weights=config.packed_cpu_weights)
                 self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
                                                    keep_unconfident=speculative.deferral_threshold is None)
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,

@@ -25,7 +25,8 @@ from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_manager: BlockManager, num_blocks: int, dtype: torch.dtype,
-                 fast_cpu_linear: bool = True, num_layers: int | None = None) -> None:
+                 fast_cpu_linear: bool = True, num_layers: int | None = None,
+                 packed_cpu_weights: bool = True) -> None:
         """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft."""
         attention.register()
         self.model = model
@@ -41,7 +42,7 @@ class ModelRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
-        self.row_plan = row_plan(self._linears) if self._linears else RowPlan()
+        self.row_plan = row_plan(self._linears, packed_cpu_weights) if self._linears else RowPlan()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     # ---- metadata ------------------------------------------------------------------------------------------
