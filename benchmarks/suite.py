@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> Path:
         rotation = 0
         for workload, workload_prompts in prompts.items():
             for batch_size in args.batch_sizes:
-                for start in range(0, len(workload_prompts), batch_size):
-                    batch = workload_prompts[start:start + batch_size]
+                for start, batch in batches(workload_prompts, batch_size):
                     names = list(systems)
                     rotation += 1
                     names = names[rotation % len(names):] + names[: rotation % len(names)]
@@ -88,6 +87,13 @@ def run(args: argparse.Namespace) -> Path:
     print(markdown)
     print(f"results in {out_dir}{os.sep}")
     return out_dir
+
+
+def batches(prompts: list, batch_size: int) -> list[tuple[int, list]]:
+    """(start, batch) pairs covering ``prompts``; every batch holds ``batch_size`` requests, so the last one (or the
+    only one, with fewer prompts than the batch size) repeats prompts from the start of the list."""
+    return [(start, [prompts[(start + i) % len(prompts)] for i in range(batch_size)])
+            for start in range(0, len(prompts), batch_size)]
 
 
 def _stdlib_ngram(model, tokenizer, model_name: str):

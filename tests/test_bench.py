@@ -141,3 +141,11 @@ def test_fusion_quality_skips_license_headers_of_heldout_files():
     assert strip_leading_comments(text) == "\"\"\"Docs.\"\"\"\nimport os  # not a header\n# later comment\n"
     assert strip_leading_comments("# only a comment\n\n") == ""
     assert strip_leading_comments("x = 1\n") == "x = 1\n"
+
+
+def test_bench_batches_are_full():
+    from benchmarks.suite import batches
+
+    assert batches(["a", "b"], 4) == [(0, ["a", "b", "a", "b"])]
+    assert batches(["a", "b", "c"], 2) == [(0, ["a", "b"]), (2, ["c", "a"])]
+    assert batches(["a", "b"], 1) == [(0, ["a"]), (1, ["b"])]
