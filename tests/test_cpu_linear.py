@@ -93,3 +93,13 @@ def test_float64_never_takes_the_prepacked_path():
     plan = RowPlan(tuple(range(8)), (True,) * 8)
     torch.testing.assert_close(fast_linear_forward(layer, x, plan), layer(x))
     assert row_plan(cpu_linears(layer)).packed == () or not any(row_plan(cpu_linears(layer)).packed)
+
+
+@needs_packing
+def test_inference_tensor_weights_are_packed_once():
+    with torch.inference_mode():
+        layer = nn.Linear(16, 8)  # its parameters are inference tensors: no version counter
+    x = torch.randn(4, 16)
+    plan = RowPlan(tuple(range(8)), (True,) * 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast_linear_forward(layer, x, plan), F.linear(x, layer.weight, layer.bias))

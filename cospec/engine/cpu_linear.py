@@ -88,11 +88,20 @@ class PackedWeights:
     def get(self, module: nn.Linear) -> torch.Tensor:
         weight = module.weight
         entry = self._packs.get(module)
-        if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        if entry is None or entry[0] is not weight or entry[1] != _version(weight):
             with torch.inference_mode():
-                entry = (weight, weight._version, _pack(weight))
+                entry = (weight, _version(weight), _pack(weight))
             self._packs[module] = entry
         return entry[2]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference tensors, which cannot be modified in place
+    outside inference mode and have no counter)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 _packed_weights = PackedWeights()
@@ -175,7 +184,10 @@ def measure_row_plan(weights: list[torch.Tensor], max_rows: int = MAX_PLANNED_RO
     the (path, count in ``[r, 2r + 8]``) that was fastest, each choice more than ``_MIN_GAIN`` faster than the one
     it replaces (starting from plain ``W @ x.T`` on ``r`` rows)."""
     inputs = {(w.shape[1], w.dtype) for w in weights}
-    packs = [_pack(w) for w in weights] if packed else []
+    try:
+        packs = [_pack(w) for w in weights] if packed else []
+    except RuntimeError:  # a oneDNN build that cannot reorder for this CPU: MKL only
+        packs = []
     paths = {"mkl": [float("inf")] * (max_rows + 1), "packed": [float("inf")] * (max_rows + 1)}
     for rows in range(1, max_rows + 1):
         xs = {key: torch.randn(rows, key[0], dtype=key[1]) for key in inputs}
