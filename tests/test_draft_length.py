@@ -23,8 +23,9 @@ def test_acceptance_stats_separate_first_and_next_rates():
     for _ in range(20):  # bursty: a window is accepted whole or rejected at its first token
         stats.update(8, 8, decay=1.0)
         stats.update(8, 0, decay=1.0)
-    assert stats.first_rate == pytest.approx(21 / 42)
-    assert stats.next_rate == pytest.approx((20 * 7 + 1) / (20 * 7 + 2))  # every token after an accepted one
+    assert stats.first_rate() == pytest.approx(21 / 42)
+    assert stats.next_rate() == pytest.approx((20 * 7 + 1) / (20 * 7 + 2))  # every token after an accepted one
+    assert stats.first_rate(prior=0.0) == pytest.approx(20 / 42)
     stats = AcceptanceStats()
     stats.update(4, 2, decay=1.0)  # tokens 2 (accepted) and 3 (rejected) came after accepted ones
     assert (stats.first_accepted, stats.first_trials, stats.next_accepted, stats.next_trials) == (1, 1, 1, 2)
@@ -96,8 +97,14 @@ def test_switched_off_sequences_are_probed_again():
     assert policy.choose([0]) == {0: 0}
     _record(policy, 0, [(0, 0)])
     assert policy.choose([0]) == {0: 1}
-    _record(policy, 0, [(1, 1)])  # a successful probe resets the wait
-    assert policy.stats[0].probe_interval == 3
+    _record(policy, 0, [(1, 0)])  # failed again: 12 steps now
+    policy.release(0)
+    _record(policy, 1, [(0, 0)] * 11)  # a new request waits as long as the last one did
+    assert policy.choose([1]) == {1: 0}
+    _record(policy, 1, [(0, 0)])
+    assert policy.choose([1]) == {1: 1}
+    _record(policy, 1, [(1, 1)])  # a successful probe resets the wait
+    assert policy.stats[1].probe_interval == 3
 
 
 def test_fixed_and_zero_draft_lengths():
@@ -106,3 +113,19 @@ def test_fixed_and_zero_draft_lengths():
     assert _policy().choose([]) == {}
     with pytest.raises(ValueError, match="max_draft_tokens"):
         DraftLengthPolicy(-1)
+
+
+def test_new_requests_start_from_the_pooled_acceptance():
+    costs = [(1, 0.05), (6, 0.06), (11, 0.07)]
+    fresh = _policy(costs=costs)
+    assert fresh.choose([7])[7] > 0  # nothing known yet: the Beta(1, 1) prior drafts
+    hopeless = _policy(costs=costs)
+    for seq_id in range(20):  # earlier requests whose drafts were never accepted
+        _record(hopeless, seq_id, [(5, 0)] * 5)
+        hopeless.release(seq_id)
+    assert hopeless.choose([99]) == {99: 0}
+    accurate = _policy(costs=costs)
+    for seq_id in range(20):
+        _record(accurate, seq_id, [(10, 10)] * 5)
+        accurate.release(seq_id)
+    assert accurate.choose([99]) == {99: 10}

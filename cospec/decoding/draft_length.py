@@ -17,6 +17,11 @@ maximizes the expected tokens for every total), and keeps the total that gave th
 are kept per padded size, and drafts that only fill rows the padding adds are free. So drafting grows where a step is
 dominated by its fixed cost (small batches, accurate drafts) and shrinks to zero where the batch is big enough that
 extra verified tokens are no longer nearly free.
+
+A request whose drafting is switched off is probed with one draft after ``probe_interval`` steps without drafts; a
+failed probe doubles the interval (up to 256 steps), a successful one resets it, and a new request starts with the
+interval the last finished request ended with (a draft model that is never right then costs almost nothing: each
+probe makes it catch up on every token since it last ran).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Callable
 _MIN_ACCEPTANCE = 1e-3
 # The longest wait, in steps, between probes of a sequence that drafting was switched off for.
 _MAX_PROBE_INTERVAL = 256
+# Decay of the acceptance counts pooled over all requests (per window): about the last 200 windows count.
+_POOLED_DECAY = 0.995
 
 
 @dataclass(slots=True)
@@ -42,15 +49,13 @@ class AcceptanceStats:
     steps_without_drafts: int = 0
     probe_interval: int = 0  # steps without drafts before the next probe; 0 = the policy's base interval
 
-    @property
-    def first_rate(self) -> float:
-        """p: the first draft token is accepted."""
-        return (self.first_accepted + 1.0) / (self.first_trials + 2.0)
+    def first_rate(self, prior: float = 0.5) -> float:
+        """p: the first draft token is accepted (two pseudo-trials at rate ``prior``)."""
+        return (self.first_accepted + 2.0 * prior) / (self.first_trials + 2.0)
 
-    @property
-    def next_rate(self) -> float:
-        """c: a draft token is accepted after an accepted one."""
-        return (self.next_accepted + 1.0) / (self.next_trials + 2.0)
+    def next_rate(self, prior: float = 0.5) -> float:
+        """c: a draft token is accepted after an accepted one (two pseudo-trials at rate ``prior``)."""
+        return (self.next_accepted + 2.0 * prior) / (self.next_trials + 2.0)
 
     def update(self, num_drafted: int, num_accepted: int, decay: float) -> None:
         self.first_trials = self.first_trials * decay + 1
@@ -121,6 +126,8 @@ class DraftLengthPolicy:
         self.probe_interval = probe_interval
         self.decay = decay
         self.stats: dict[int, AcceptanceStats] = {}
+        self.pooled = AcceptanceStats()  # every request's windows, forgotten more slowly
+        self._initial_probe_interval = 0  # 0: the base interval
         self.costs = CostModel()
         self.padded_tokens = padded_tokens or (lambda num_tokens: num_tokens)
 
@@ -128,10 +135,14 @@ class DraftLengthPolicy:
         self.costs.observe_forward(self.padded_tokens(num_tokens), seconds)
 
     def release(self, seq_id: int) -> None:
-        self.stats.pop(seq_id, None)
+        stats = self.stats.pop(seq_id, None)
+        if stats is not None:  # the next request starts probing where this one left off
+            self._initial_probe_interval = self._probe_interval(stats)
 
     def record(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
-        stats = self.stats.setdefault(seq_id, AcceptanceStats())
+        stats = self.stats.get(seq_id)
+        if stats is None:
+            stats = self.stats[seq_id] = AcceptanceStats(probe_interval=self._initial_probe_interval)
         if num_drafted == 0:
             stats.steps_without_drafts += 1
             return
@@ -142,6 +153,7 @@ class DraftLengthPolicy:
                                                                                 _MAX_PROBE_INTERVAL)
         stats.steps_without_drafts = 0
         stats.update(num_drafted, num_accepted, self.decay)
+        self.pooled.update(num_drafted, num_accepted, _POOLED_DECAY)
 
     def _probe_interval(self, stats: AcceptanceStats) -> int:
         return stats.probe_interval or self.probe_interval
@@ -152,10 +164,11 @@ class DraftLengthPolicy:
             return {s: 0 for s in seq_ids}
         if not self.adaptive:
             return {s: self.max_draft_tokens for s in seq_ids}
+        first_prior, next_prior = self.pooled.first_rate(), self.pooled.next_rate()
         rates = {}
         for s in seq_ids:
             stats = self.stats.get(s) or AcceptanceStats()
-            rates[s] = (stats.first_rate, min(stats.next_rate, 0.999))
+            rates[s] = (stats.first_rate(first_prior), min(stats.next_rate(next_prior), 0.999))
         best_total = self._best_num_drafts(rates, num_other_tokens + len(seq_ids))
         k = self._allocate(rates, best_total)
         for s in seq_ids:  # re-test sequences that drafting was switched off for, now and then
