@@ -109,20 +109,22 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m cospec.engine.server`` on a free loopback port; its log goes to a temporary file."""
+    """``python -m cospec.engine.server SERVER_ARGS`` on a free loopback port, its output in ``log_path`` (a
+    temporary file if None), ``HF_HUB_OFFLINE=1`` and ``env`` added to the environment. Shared with the server
+    tests."""
 
-    def __init__(self, args: argparse.Namespace, flags: list[str]) -> None:
+    def __init__(self, server_args: list[str], log_path: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="cospec-serve-", suffix=".log", delete=False)
-        command = [sys.executable, "-m", "cospec.engine.server", "--model", args.model, "--dtype", args.dtype,
-                   "--port", str(self.port), "--max-tokens-limit", str(max(args.max_tokens, 4096)), *flags]
-        if args.threads is not None:
-            command += ["--threads", str(args.threads)]
+        self.log = (open(log_path, "w+") if log_path is not None else
+                    tempfile.NamedTemporaryFile("w+", prefix="cospec-serve-", suffix=".log", delete=False))
+        command = [sys.executable, "-m", "cospec.engine.server", "--port", str(self.port), *server_args]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                                        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
     def wait_ready(self, timeout_s: float) -> None:
+        """Poll ``/health`` until it answers 200; stop the server and raise with its log if it does not in time."""
         import httpx
 
         deadline = time.monotonic() + timeout_s
@@ -132,7 +134,7 @@ class ServerProcess:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"the server did not come up; its log ({self.log.name}):\n{Path(self.log.name).read_text()}")
 
@@ -146,11 +148,22 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
 
+    def metrics(self, **headers: str) -> dict[str, float]:
+        return scrape(self.url, headers)
 
-def scrape(url: str, api_key: str) -> dict[str, float]:
+
+def server_args(args: argparse.Namespace, flags: list[str]) -> list[str]:
+    """The server's command-line arguments for this load test's model and one configuration's ``flags``."""
+    command = ["--model", args.model, "--dtype", args.dtype, "--max-tokens-limit", str(max(args.max_tokens, 4096)),
+               *flags]
+    return command + (["--threads", str(args.threads)] if args.threads is not None else [])
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """The server's Prometheus ``/metrics`` as {series: value}."""
     import httpx
 
-    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"}, timeout=10).text
+    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=10).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url.rstrip("/").removesuffix("/v1")
         else:
             print(f"bench_serve: starting the server ({label}) ...", file=sys.stderr)
-            server = ServerProcess(args, flags)
+            server = ServerProcess(server_args(args, flags))
             url = server.url
         try:
             if server is not None:
@@ -339,7 +352,7 @@ def _served_model(url: str, api_key: str) -> str:
 
 def _try_scrape(url: str, api_key: str) -> dict | None:
     try:
-        return scrape(url, api_key)
+        return scrape(url, {"Authorization": f"Bearer {api_key}"})
     except Exception:  # noqa: BLE001 - a server without /metrics: no acceptance rate
         return None
 

@@ -8,10 +8,6 @@ server keeps serving.
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -22,6 +18,7 @@ import torch
 import cospec
 
 from _tiny_models import save_tiny_llama_dir
+from benchmarks.bench_serve import ServerProcess
 
 SENTENCES = [
     "the cat sat on the mat and the dog sat on the rug",
@@ -47,64 +44,29 @@ def model_dir(tmp_path_factory):
                                chat_template=CHAT_TEMPLATE, logit_scale=8.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _server(model_dir, log_path, *flags: str) -> ServerProcess:
+    return ServerProcess(["--model", str(model_dir), "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES), *flags],
+                         log_path, env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
-class _ServerProcess:
-    def __init__(self, model_dir, log_path, *flags: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cospec.engine.server", "--model", str(model_dir), "--port", str(self.port),
-             "--max-tokens-limit", str(MAX_TOKENS_LIMIT), "--max-request-bytes", str(MAX_REQUEST_BYTES), *flags],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"server did not start; its log:\n{open(self.log_path).read()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-    def metrics(self, **headers) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", headers=headers, timeout=5).text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
+def _wait_ready(server: ServerProcess) -> None:
+    try:
+        server.wait_ready(STARTUP_TIMEOUT_S)
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     """(plain, speculative) servers, started together; always killed at the end."""
     logs = tmp_path_factory.mktemp("server-logs")
-    plain = _ServerProcess(model_dir, logs / "plain.log")
-    spec = _ServerProcess(model_dir, logs / "spec.log", "--prompt-lookup", "3", "--api-key", API_KEY,
-                          "--max-num-seqs", "1", "--max-waiting", "1")
+    plain = _server(model_dir, logs / "plain.log")
+    spec = _server(model_dir, logs / "spec.log", "--prompt-lookup", "3", "--api-key", API_KEY,
+                   "--max-num-seqs", "1", "--max-waiting", "1")
     try:
-        plain.wait_ready()
-        spec.wait_ready()
+        _wait_ready(plain)
+        _wait_ready(spec)
         yield plain, spec
     finally:
         plain.stop()
