@@ -188,27 +188,35 @@ def measure_row_plan(weights: list[torch.Tensor], max_rows: int = MAX_PLANNED_RO
         packs = [_pack(w) for w in weights] if packed else []
     except RuntimeError:  # a oneDNN build that cannot reorder for this CPU: MKL only
         packs = []
-    paths = {"mkl": [float("inf")] * (max_rows + 1), "packed": [float("inf")] * (max_rows + 1)}
-    for rows in range(1, max_rows + 1):
+    passes = {  # path -> one pass over all weights for inputs xs: {(in_features, dtype): [rows, in_features]}
+        "mkl": lambda xs: [torch.mm(w, xs[w.shape[1], w.dtype].t()) for w in weights],
+        "packed": lambda xs: [_packed_matmul(xs[w.shape[1], w.dtype], p, None) for w, p in zip(weights, packs)],
+        "linear": lambda xs: [F.linear(xs[w.shape[1], w.dtype], w) for w in weights],
+    }
+
+    def fastest_pass(paths: list[str], rows: int, repeats: int) -> dict[str, float]:
+        """The minimum time of each path's pass over ``repeats`` interleaved passes: other processes only ever add
+        time."""
         xs = {key: torch.randn(rows, key[0], dtype=key[1]) for key in inputs}
+        best = dict.fromkeys(paths, float("inf"))
         for _ in range(repeats):
-            start = time.perf_counter()
-            for w in weights:
-                torch.mm(w, xs[w.shape[1], w.dtype].t())
-            paths["mkl"][rows] = min(paths["mkl"][rows], time.perf_counter() - start)
-            if packs:
+            for path in paths:
                 start = time.perf_counter()
-                for w, p in zip(weights, packs):
-                    _packed_matmul(xs[w.shape[1], w.dtype], p, None)
-                paths["packed"][rows] = min(paths["packed"][rows], time.perf_counter() - start)
+                passes[path](xs)
+                best[path] = min(best[path], time.perf_counter() - start)
+        return best
+
+    planned = ["mkl", "packed"] if packs else ["mkl"]
+    measured = [fastest_pass(planned, rows, repeats) if rows else {} for rows in range(max_rows + 1)]
+
     def seconds(path: str, rows: int) -> float:
-        return paths[path][max(rows, 2) if path == "mkl" else rows]  # MKL runs one row as two
+        return measured[max(rows, 2) if path == "mkl" else rows][path]  # MKL runs one row as two
 
     padded, use_packed = [0], [False]
     for rows in range(1, max_rows + 1):
         # Unpadded paths first, then padded ones; each choice must beat the previous one by _MIN_GAIN.
-        candidates = [(path, rows) for path in ("packed",)] + [
-            (path, r) for path in ("mkl", "packed") for r in range(rows + 1, min(max_rows, 2 * rows + 8) + 1)]
+        candidates = [(path, rows) for path in planned if path != "mkl"] + [
+            (path, r) for path in planned for r in range(rows + 1, min(max_rows, 2 * rows + 8) + 1)]
         best_path, best_rows = "mkl", rows
         for path, r in candidates:
             if seconds(path, r) < (1 - _MIN_GAIN) * seconds(best_path, best_rows):
@@ -217,16 +225,6 @@ def measure_row_plan(weights: list[torch.Tensor], max_rows: int = MAX_PLANNED_RO
         use_packed.append(best_path == "packed")
     packed_large = False
     if packs:
-        xs = {key: torch.randn(_LARGE_ROWS, key[0], dtype=key[1]) for key in inputs}
-        large = {"linear": float("inf"), "packed": float("inf")}
-        for _ in range(2):
-            start = time.perf_counter()
-            for w in weights:
-                F.linear(xs[w.shape[1], w.dtype], w)
-            large["linear"] = min(large["linear"], time.perf_counter() - start)
-            start = time.perf_counter()
-            for w, p in zip(weights, packs):
-                _packed_matmul(xs[w.shape[1], w.dtype], p, None)
-            large["packed"] = min(large["packed"], time.perf_counter() - start)
+        large = fastest_pass(["linear", "packed"], _LARGE_ROWS, repeats=2)
         packed_large = large["packed"] < (1 - _MIN_GAIN) * large["linear"]
     return RowPlan(tuple(padded), tuple(use_packed), packed_large)
