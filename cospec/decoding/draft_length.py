@@ -169,25 +169,30 @@ class DraftLengthPolicy:
         for s in seq_ids:
             stats = self.stats.get(s) or AcceptanceStats()
             rates[s] = (stats.first_rate(first_prior), min(stats.next_rate(next_prior), 0.999))
-        best_total = self._best_num_drafts(rates, num_other_tokens + len(seq_ids))
-        k = self._allocate(rates, best_total)
+        k = self._best_drafts(rates, num_other_tokens + len(seq_ids))
         for s in seq_ids:  # re-test sequences that drafting was switched off for, now and then
             stats = self.stats.get(s)
             if k[s] == 0 and stats is not None and stats.steps_without_drafts >= self._probe_interval(stats):
                 k[s] = 1
         return k
 
-    def _best_num_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> int:
-        """The number of drafts in the step that maximizes its expected throughput."""
+    def _best_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> dict[int, int]:
+        """Per-sequence draft lengths: the greedy drafts up to the total that maximizes the step's expected
+        throughput."""
         draft_cost = self.costs.draft_cost_per_token
         emitted = float(len(rates))
         best_rate, best_total = emitted / self.costs.step_seconds(self.padded_tokens(base_tokens)), 0
-        for total, (_, gain) in enumerate(self._greedy_drafts(rates), start=1):
+        order = []  # the sequence of each greedy draft
+        for total, (s, gain) in enumerate(self._greedy_drafts(rates), start=1):
+            order.append(s)
             emitted += gain
             rate = emitted / (self.costs.step_seconds(self.padded_tokens(base_tokens + total)) + draft_cost * total)
             if rate > best_rate:
                 best_rate, best_total = rate, total
-        return best_total
+        k = dict.fromkeys(rates, 0)
+        for s in order[:best_total]:
+            k[s] += 1
+        return k
 
     def _greedy_drafts(self, rates: dict[int, tuple[float, float]]):
         """(sequence, expected tokens it adds) of each next draft: to the sequence whose next draft adds the most
@@ -201,10 +206,3 @@ class DraftLengthPolicy:
             yield s, -neg_gain
             if k < self.max_draft_tokens:
                 heapq.heappush(heap, (neg_gain * rates[s][1], s, k + 1))
-
-    def _allocate(self, rates: dict[int, tuple[float, float]], num_drafts: int) -> dict[int, int]:
-        """Per-sequence draft lengths after the first ``num_drafts`` greedy drafts."""
-        k = {s: 0 for s in rates}
-        for _, (s, _) in zip(range(num_drafts), self._greedy_drafts(rates)):
-            k[s] += 1
-        return k
