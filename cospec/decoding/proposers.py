@@ -15,7 +15,7 @@ from cospec.decoding.prompt_lookup import PromptLookupProposer
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner
 from cospec.decoding.sampling import exponential_noise, process_probs_for, sample_from_probs
 
-__all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
+__all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary", "sample_drafts"]
 
 
 def check_same_vocabulary(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
@@ -69,7 +69,7 @@ class ModelDraftProposer:
         while active:
             items = [ForwardItem(requests[i].seq_id, feeds[i][0], feeds[i][1], 1) for i in active]
             logits = self.runner.forward(items)  # [len(active), vocab]
-            tokens, probs = self._sample(logits, [requests[i] for i in active])
+            tokens, probs = sample_drafts(logits, [requests[i] for i in active])
             confident = ((torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= self.min_confidence).tolist()
                          if self.min_confidence > 0 else [True] * len(active))
             still = []
@@ -90,16 +90,20 @@ class ModelDraftProposer:
                 d.probs = torch.stack(d.probs) if d.probs else None
         return drafts
 
-    def _sample(self, logits: torch.Tensor, requests: list[DraftRequest]) -> tuple[list[int], torch.Tensor | None]:
-        tokens = logits.argmax(dim=-1)
-        sampled = [j for j, r in enumerate(requests) if r.generator is not None]
-        if not sampled:
-            return tokens.tolist(), None
-        rows = torch.tensor(sampled, device=logits.device)
-        sub = [requests[j] for j in sampled]
-        q = process_probs_for(logits[rows], sub)
-        noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], q.dtype, logits.device)
-        tokens[rows] = sample_from_probs(q, noise)
-        probs = torch.zeros(len(requests), logits.shape[-1], dtype=q.dtype, device=logits.device)
-        probs[rows] = q
-        return tokens.tolist(), probs
+
+def sample_drafts(logits: torch.Tensor, requests: list[DraftRequest]) -> tuple[list[int], torch.Tensor | None]:
+    """One draft token per row of ``logits`` ``[rows, vocab_size]``: the argmax for greedy requests, a sample of the
+    processed distribution (each request's own generator) for sampled ones; with the probabilities of the sampled
+    rows (``[rows, vocab_size]``, zero rows for greedy requests), or None when no request samples."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [j for j, r in enumerate(requests) if r.generator is not None]
+    if not sampled:
+        return tokens.tolist(), None
+    rows = torch.tensor(sampled, device=logits.device)
+    sub = [requests[j] for j in sampled]
+    q = process_probs_for(logits[rows], sub)
+    noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], q.dtype, logits.device)
+    tokens[rows] = sample_from_probs(q, noise)
+    probs = torch.zeros(len(requests), logits.shape[-1], dtype=q.dtype, device=logits.device)
+    probs[rows] = q
+    return tokens.tolist(), probs

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cospec.decoding.eagle3 import capture_aux_hidden_states
 from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
@@ -26,8 +27,10 @@ from cospec.engine.kv_cache import KVCachePool, PagedCache
 class ModelRunner:
     def __init__(self, model: nn.Module, block_manager: BlockManager, num_blocks: int, dtype: torch.dtype,
                  fast_cpu_linear: bool = True, num_layers: int | None = None,
-                 packed_cpu_weights: bool = True) -> None:
-        """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft."""
+                 packed_cpu_weights: bool = True, capture_layers: tuple[int, ...] | None = None) -> None:
+        """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft.
+        ``capture_layers``: keep the input hidden states of these layers from each forward in ``aux_hidden_states``
+        (``[num_tokens, len(capture_layers) * H]``), what an EAGLE-3 draft head reads."""
         attention.register()
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -44,6 +47,8 @@ class ModelRunner:
         self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
         self.row_plan = row_plan(self._linears, packed_cpu_weights) if self._linears else RowPlan()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.capture_layers = capture_layers
+        self.aux_hidden_states: torch.Tensor | None = None
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def _metadata(self, items: list[ForwardItem]) -> tuple[StepInputs, attention.StepMetadata]:
@@ -101,8 +106,12 @@ class ModelRunner:
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.logit_rows
-        with self._cospec_mode(), attention.step_context(meta, self.pool):
+        capture = (capture_aux_hidden_states(self.model, self.capture_layers) if self.capture_layers
+                   else contextlib.nullcontext())
+        with self._cospec_mode(), attention.step_context(meta, self.pool), capture as captured:
             out = self.model(input_ids=inputs.input_ids[None], position_ids=inputs.positions[None], **kwargs)
+        if captured is not None:
+            self.aux_hidden_states = torch.cat(captured, dim=-1)[0]
         logits = out.logits[0]
         if not self._has_logits_to_keep:
             logits = logits[inputs.logit_rows]
