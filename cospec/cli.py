@@ -1,7 +1,7 @@
 """cospec: speculative decoding and co-decoding engine for Hugging Face models.
 
 ``generate`` streams a completion, ``bench`` compares cospec with Hugging Face, ``serve`` runs an OpenAI-compatible
-server, ``info`` describes the setup.
+server, ``train-draft`` trains an EAGLE-3 draft head for a model, ``info`` describes the setup.
 
 Flags map one to one onto ``SamplingParams`` fields (``--max-tokens`` -> ``max_tokens``) and ``load_model``
 arguments. A failure the user can fix (a missing model, a bad flag value) prints one line to stderr and exits 2;
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--draft", metavar="MODEL", help="draft model (name, directory or .gguf) with the same vocabulary")
     spec.add_argument("--prompt-lookup", type=int, metavar="N", help="draft by n-gram lookup, n-grams up to N tokens")
     spec.add_argument("--self-spec", type=int, metavar="L", help="draft with the model's own first L layers")
+    spec.add_argument("--draft-head", metavar="PATH", help="draft with an EAGLE-3 head: its directory, or 'default' "
+                      "(the model's head from `cospec train-draft`)")
     spec.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step (adaptive)")
     spec.add_argument("--defer", type=float, metavar="TAU", help="with --draft: confidence deferral (lossy): the draft "
                       "model's tokens are kept while its top probability is >= TAU")
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    train = commands.add_parser("train-draft", help="train an EAGLE-3 draft head for a model on your data "
+                                "(no --data: the default head, on ShareGPT and standard-library data)")
+    add_train_draft_arguments(train)
+    train.set_defaults(run=_train_draft)
 
     info = commands.add_parser("info", help="print versions, the device and the kernel backends")
     info.set_defaults(run=_info)
@@ -114,7 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         deferral_threshold=args.defer, deferral_rollback=args.defer_rollback)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, draft=None if speculative else args.draft,
               prompt_lookup=args.prompt_lookup, self_spec_layers=args.self_spec, num_draft_tokens=args.num_draft_tokens,
-              speculative=speculative, fusion=_fusion_config(args))
+              speculative=speculative, fusion=_fusion_config(args), draft_head=args.draft_head)
     engine, tokenizer = llm.engine, llm.tokenizer
     prompt_ids = llm.encode(args.prompt, chat=None if args.chat else False)
     engine.add_request("cli", prompt_ids, params)
@@ -148,6 +155,66 @@ def _fusion_config(args: argparse.Namespace):
 
     members = [NgramLM.load(m[len("ngram:"):]) if m.startswith("ngram:") else m for m in args.fuse_with]
     return FusionConfig(members, parse_fusion(args.fusion))
+
+
+# ---- train-draft -------------------------------------------------------------------------------------------
+def add_train_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``cospec train-draft``, one per ``TrainConfig`` field (``--draft-vocab-size`` -> ``draft_vocab_size``),
+    with its defaults."""
+    parser.add_argument("--model", default=_train_default("model"),
+                        help="embedded model name, model directory or .gguf file")
+    parser.add_argument("--data", nargs="+", default=[], metavar="PATH", help="text files or directories (code, "
+                        "prose) and ShareGPT .json/.jsonl conversations; none: the default recipe")
+    parser.add_argument("--out", default=_train_default("out"),
+                        help="output directory (default: where --draft-head default finds it)")
+    parser.add_argument("--regenerate", action="store_true", help="the model writes the assistant answers itself")
+    parser.add_argument("--regenerate-max-tokens", type=int, default=_train_default("regenerate_max_tokens"),
+                        help="longest regenerated answer")
+    parser.add_argument("--max-turns", type=int, default=_train_default("max_turns"),
+                        help="with --regenerate: user turns kept per conversation")
+    training = parser.add_argument_group("training")
+    training.add_argument("--max-len", type=int, default=_train_default("max_len"), help="tokens per training sequence")
+    training.add_argument("--max-train-tokens", type=int, default=_train_default("max_train_tokens"),
+                          help="stop reading data at this many trained tokens")
+    training.add_argument("--draft-vocab-size", type=int, default=_train_default("draft_vocab_size"),
+                          help="tokens of the head's vocabulary")
+    training.add_argument("--ttt-steps", type=int, default=_train_default("ttt_steps"),
+                          help="unrolled steps of the training-time test")
+    training.add_argument("--step-decay", type=float, default=_train_default("step_decay"),
+                          help="loss weight decay per unrolled step")
+    training.add_argument("--batch-size", type=int, default=_train_default("batch_size"))
+    training.add_argument("--epochs", type=int, default=_train_default("epochs"))
+    training.add_argument("--lr", type=float, default=_train_default("lr"))
+    training.add_argument("--weight-decay", type=float, default=_train_default("weight_decay"))
+    training.add_argument("--warmup-fraction", type=float, default=_train_default("warmup_fraction"))
+    training.add_argument("--max-grad-norm", type=float, default=_train_default("max_grad_norm"))
+    training.add_argument("--eval-every", type=int, default=_train_default("eval_every"),
+                          help="steps between held-out evaluations")
+    training.add_argument("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
+                          help="steps between checkpoints")
+    training.add_argument("--seed", type=int, default=_train_default("seed"))
+    training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    training.add_argument("--device", default=_train_default("device"), help="torch device (cpu, cuda)")
+    training.add_argument("--dtype", default=_train_default("dtype"),
+                          help="model dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+    training.add_argument("--no-filter-benchmarks", dest="filter_benchmarks", action="store_false",
+                          help="keep training text that contains MT-Bench or HumanEval items")
+
+
+def _train_default(name: str):
+    from cospec.training.train_draft import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _train_draft(args: argparse.Namespace) -> int:
+    from cospec.training.train_draft import TrainConfig, train_draft
+
+    _quiet_transformers()
+    options = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+    out = train_draft(TrainConfig(**options))
+    print(f"draft head saved in {out}; use it with --draft-head {out}")
+    return 0
 
 
 # ---- bench and serve ---------------------------------------------------------------------------------------

@@ -826,6 +826,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     spec.add_argument("--draft", default=None, metavar="MODEL", help="a draft model on the same vocabulary")
     spec.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="draft by n-gram lookup (n <= N)")
     spec.add_argument("--self-spec", type=int, default=None, metavar="L", help="the target's first L layers draft")
+    spec.add_argument("--draft-head", default=None, metavar="PATH", help="an EAGLE-3 draft head (a directory, or "
+                      "'default': the model's head from `cospec train-draft`)")
     parser.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -858,7 +860,8 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
     options = ServeOptions(args.served_model_name or args.model, args.api_key, args.max_waiting,
                            args.max_tokens_limit, args.max_prompt_tokens, args.max_request_bytes, args.threads)
-    speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec)
+    speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec,
+                                     draft_head=args.draft_head)
     config = EngineConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)
     engine = LLMEngine(args.model, config, dtype=args.dtype, device=args.device, speculative=speculative)

@@ -77,7 +77,8 @@ _SNIPPET_CHARS = 80
 
 class BenchmarkFilter:
     """Recognizes text that contains a benchmark item: an MT-Bench question (either turn) or a HumanEval problem
-    (its typed signature line or the start of its docstring), compared case- and whitespace-insensitively."""
+    (the signature line or the start of the docstring of any of its functions), compared case- and
+    whitespace-insensitively; snippets shorter than 40 characters are left out (they would match ordinary code)."""
 
     def __init__(self, snippets: list[str]) -> None:
         self.snippets = sorted({s[:_SNIPPET_CHARS] for s in map(_normalized, snippets) if len(s) >= _MIN_SNIPPET_CHARS})
@@ -88,11 +89,8 @@ class BenchmarkFilter:
         snippets = [turn for q in mtbench_questions() for turn in q["turns"]]
         for problem in humaneval_problems():
             prompt = problem["prompt"]
-            signature = next((line for line in prompt.splitlines() if line.lstrip().startswith("def ")), "")
-            snippets.append(signature)
-            docstring = re.search(r'("""|\'\'\')(.*?)(\1|$)', prompt, re.S)
-            if docstring:
-                snippets.append(docstring.group(2))
+            snippets += [line for line in prompt.splitlines() if line.lstrip().startswith("def ")]
+            snippets += [m.group(2) for m in re.finditer(r'("""|\'\'\')(.*?)\1', prompt, re.S)]
         return cls(snippets)
 
     def matches(self, text: str) -> bool:
