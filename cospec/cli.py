@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-draft", help="train an EAGLE-3 draft head for a model on your data "
                                 "(no --data: the default head, on ShareGPT and standard-library data)")
+    from cospec.training.train_draft import add_arguments as add_train_draft_arguments
+
     add_train_draft_arguments(train)
     train.set_defaults(run=_train_draft)
 
@@ -158,61 +160,11 @@ def _fusion_config(args: argparse.Namespace):
 
 
 # ---- train-draft -------------------------------------------------------------------------------------------
-def add_train_draft_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``cospec train-draft``, one per ``TrainConfig`` field (``--draft-vocab-size`` -> ``draft_vocab_size``),
-    with its defaults."""
-    parser.add_argument("--model", default=_train_default("model"),
-                        help="embedded model name, model directory or .gguf file")
-    parser.add_argument("--data", nargs="+", default=[], metavar="PATH", help="text files or directories (code, "
-                        "prose) and ShareGPT .json/.jsonl conversations; none: the default recipe")
-    parser.add_argument("--out", default=_train_default("out"),
-                        help="output directory (default: where --draft-head default finds it)")
-    parser.add_argument("--regenerate", action="store_true", help="the model writes the assistant answers itself")
-    parser.add_argument("--regenerate-max-tokens", type=int, default=_train_default("regenerate_max_tokens"),
-                        help="longest regenerated answer")
-    parser.add_argument("--max-turns", type=int, default=_train_default("max_turns"),
-                        help="with --regenerate: user turns kept per conversation")
-    training = parser.add_argument_group("training")
-    training.add_argument("--max-len", type=int, default=_train_default("max_len"), help="tokens per training sequence")
-    training.add_argument("--max-train-tokens", type=int, default=_train_default("max_train_tokens"),
-                          help="stop reading data at this many trained tokens")
-    training.add_argument("--draft-vocab-size", type=int, default=_train_default("draft_vocab_size"),
-                          help="tokens of the head's vocabulary")
-    training.add_argument("--ttt-steps", type=int, default=_train_default("ttt_steps"),
-                          help="unrolled steps of the training-time test")
-    training.add_argument("--step-decay", type=float, default=_train_default("step_decay"),
-                          help="loss weight decay per unrolled step")
-    training.add_argument("--batch-size", type=int, default=_train_default("batch_size"))
-    training.add_argument("--epochs", type=int, default=_train_default("epochs"))
-    training.add_argument("--lr", type=float, default=_train_default("lr"))
-    training.add_argument("--weight-decay", type=float, default=_train_default("weight_decay"))
-    training.add_argument("--warmup-fraction", type=float, default=_train_default("warmup_fraction"))
-    training.add_argument("--max-grad-norm", type=float, default=_train_default("max_grad_norm"))
-    training.add_argument("--eval-every", type=int, default=_train_default("eval_every"),
-                          help="steps between held-out evaluations")
-    training.add_argument("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
-                          help="steps between checkpoints")
-    training.add_argument("--seed", type=int, default=_train_default("seed"))
-    training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    training.add_argument("--device", default=_train_default("device"), help="torch device (cpu, cuda)")
-    training.add_argument("--dtype", default=_train_default("dtype"),
-                          help="model dtype (default: float32 on the CPU, bfloat16 on CUDA)")
-    training.add_argument("--no-filter-benchmarks", dest="filter_benchmarks", action="store_false",
-                          help="keep training text that contains MT-Bench or HumanEval items")
-
-
-def _train_default(name: str):
-    from cospec.training.train_draft import TrainConfig
-
-    return TrainConfig.__dataclass_fields__[name].default
-
-
 def _train_draft(args: argparse.Namespace) -> int:
-    from cospec.training.train_draft import TrainConfig, train_draft
+    from cospec.training.train_draft import config_from_args, train_draft
 
     _quiet_transformers()
-    options = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
-    out = train_draft(TrainConfig(**options))
+    out = train_draft(config_from_args(args))
     print(f"draft head saved in {out}; use it with --draft-head {out}")
     return 0
 

@@ -139,7 +139,8 @@ def test_states_captured_in_a_ragged_step_equal_hf_hidden_states(family):
     runner = ModelRunner(target, block_manager, 64, torch.float64, capture_layers=layers)
     prompts = [random_prompt(n, VOCAB, seed=n, low=4) for n in (9, 3, 14)]
     # Step 1: whole prompts and one chunk; step 2: a decode, a multi-token window and the rest of the chunked prompt.
-    step1 = [ForwardItem(0, prompts[0], 0, 1), ForwardItem(1, prompts[1][:1], 0, 0), ForwardItem(2, prompts[2][:6], 0, 0)]
+    step1 = [ForwardItem(0, prompts[0], 0, 1), ForwardItem(1, prompts[1][:1], 0, 0),
+             ForwardItem(2, prompts[2][:6], 0, 0)]
     extra = [[7], [8, 9, 10]]
     step2 = [ForwardItem(0, extra[0], 9, 1), ForwardItem(1, prompts[1][1:] + extra[1], 1, 5),
              ForwardItem(2, prompts[2][6:], 6, 1)]

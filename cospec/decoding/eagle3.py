@@ -127,8 +127,8 @@ class Eagle3Head(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden) if own_embeddings else None
         self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.int64))
-        self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool) if draft_vocab_size == config.vocab_size
-                             else torch.zeros(config.vocab_size, dtype=torch.bool))
+        full_vocabulary = draft_vocab_size == config.vocab_size
+        self.register_buffer("t2d", torch.full((config.vocab_size,), full_vocabulary, dtype=torch.bool))
         self._target_embeddings: list[nn.Module] = []  # borrowed, not a submodule: never saved or trained
 
     # ---- construction -----------------------------------------------------------------------------------------
@@ -180,7 +180,8 @@ class Eagle3Head(nn.Module):
             embeddings = target.get_input_embeddings()
             if embeddings.weight.shape[1] != self.config.hidden_size:
                 raise ValueError(f"the draft head's hidden size {self.config.hidden_size} differs from the model's "
-                                 f"embedding size {embeddings.weight.shape[1]} and the head has no embeddings of its own")
+                                 f"embedding size {embeddings.weight.shape[1]}, and the head has no embeddings of "
+                                 "its own")
             self._target_embeddings = [embeddings]
         return self
 

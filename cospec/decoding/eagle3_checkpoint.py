@@ -106,7 +106,8 @@ def _from_eagle_repository(config: dict, weights: dict, num_target_layers: int) 
     return _build(LlamaConfig(**layer), config, weights, aux, config.get("norm_before_residual", False))
 
 
-def _build(layer_config: LlamaConfig, config: dict, weights: dict, aux_layer_ids, norm_before_residual: bool) -> Eagle3Head:
+def _build(layer_config: LlamaConfig, config: dict, weights: dict, aux_layer_ids,
+           norm_before_residual: bool) -> Eagle3Head:
     if "fc.weight" not in weights or "lm_head.weight" not in weights:
         raise ValueError("the checkpoint lacks fc.weight or lm_head.weight: not an EAGLE-3 head")
     draft_vocab_size = config.get("draft_vocab_size") or weights["lm_head.weight"].shape[0]

@@ -89,8 +89,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     ``prompt_lookup_num_tokens=k`` (n-gram lookup, ``max_matching_ngram_size`` long), ``assistant_early_exit=L``
     (self-speculation from the first L layers), or cospec's ``draft_head=`` (an EAGLE-3 head: a directory, an
     ``Eagle3Head``, or "default" for the model's default head); ``num_assistant_tokens`` caps the draft length
-    (default 8; cospec adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused distribution of the
-    model and its members (speculation then verifies against the fused distribution).
+    (default 8; cospec adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused
+    distribution of the model and its members (speculation then verifies against the fused distribution).
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)

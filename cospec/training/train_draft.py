@@ -17,6 +17,7 @@ Terms:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -38,6 +39,10 @@ from cospec.training.data import Example, chat_example, read_sources, regenerate
 CHECKPOINT_DIR = "checkpoint"
 LOG_NAME = "training_log.json"
 REGENERATED_NAME = "regenerated.jsonl"
+# Answers are regenerated this many at a time, with room in the KV cache for all of them at full length (a smaller
+# cache would preempt and recompute sequences over and over).
+REGENERATE_BATCH = 32
+REGENERATE_KV_BYTES = 2 << 30
 
 
 @dataclass(slots=True)
@@ -277,8 +282,9 @@ def build_examples(config: TrainConfig, model, tokenizer, out: Path) -> list[Exa
         else:
             from cospec.engine.llm import LLM
 
-            llm = LLM(model, tokenizer=tokenizer, max_num_seqs=64, max_num_batched_tokens=2048)
-            conversations = regenerate(llm, conversations, config.regenerate_max_tokens, max_turns)
+            llm = LLM(model, tokenizer=tokenizer, max_num_seqs=REGENERATE_BATCH, max_num_batched_tokens=2048,
+                      kv_cache_memory_bytes=REGENERATE_KV_BYTES)
+            conversations = regenerate(llm, conversations, config.regenerate_max_tokens, max_turns, REGENERATE_BATCH)
             out.mkdir(parents=True, exist_ok=True)
             cached.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     examples = []
@@ -404,3 +410,56 @@ def _save_checkpoint(head, optimizer, scheduler, step, log, directory: Path, con
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``cospec train-draft``, one per ``TrainConfig`` field (``--draft-vocab-size`` -> ``draft_vocab_size``),
+    with its defaults."""
+    parser.add_argument("--model", default=_default("model"),
+                        help="embedded model name, model directory or .gguf file")
+    parser.add_argument("--data", nargs="+", default=[], metavar="PATH", help="text files or directories (code, "
+                        "prose) and ShareGPT .json/.jsonl conversations; none: the default recipe")
+    parser.add_argument("--out", default=_default("out"),
+                        help="output directory (default: where --draft-head default finds it)")
+    parser.add_argument("--regenerate", action="store_true", help="the model writes the assistant answers itself")
+    parser.add_argument("--regenerate-max-tokens", type=int, default=_default("regenerate_max_tokens"),
+                        help="longest regenerated answer")
+    parser.add_argument("--max-turns", type=int, default=_default("max_turns"),
+                        help="with --regenerate: user turns kept per conversation")
+    training = parser.add_argument_group("training")
+    training.add_argument("--max-len", type=int, default=_default("max_len"), help="tokens per training sequence")
+    training.add_argument("--max-train-tokens", type=int, default=_default("max_train_tokens"),
+                          help="stop reading data at this many trained tokens")
+    training.add_argument("--draft-vocab-size", type=int, default=_default("draft_vocab_size"),
+                          help="tokens of the head's vocabulary")
+    training.add_argument("--ttt-steps", type=int, default=_default("ttt_steps"),
+                          help="unrolled steps of the training-time test")
+    training.add_argument("--step-decay", type=float, default=_default("step_decay"),
+                          help="loss weight decay per unrolled step")
+    training.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    training.add_argument("--epochs", type=int, default=_default("epochs"))
+    training.add_argument("--lr", type=float, default=_default("lr"))
+    training.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    training.add_argument("--warmup-fraction", type=float, default=_default("warmup_fraction"))
+    training.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"))
+    training.add_argument("--eval-every", type=int, default=_default("eval_every"),
+                          help="steps between held-out evaluations")
+    training.add_argument("--checkpoint-every", type=int, default=_default("checkpoint_every"),
+                          help="steps between checkpoints")
+    training.add_argument("--seed", type=int, default=_default("seed"))
+    training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    training.add_argument("--device", default=_default("device"), help="torch device (cpu, cuda)")
+    training.add_argument("--dtype", default=_default("dtype"),
+                          help="model dtype (default: float32 on the CPU, bfloat16 on CUDA)")
+    training.add_argument("--no-filter-benchmarks", dest="filter_benchmarks", action="store_false",
+                          help="keep training text that contains MT-Bench or HumanEval items")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+
+
+def _default(name: str):
+    return TrainConfig.__dataclass_fields__[name].default
