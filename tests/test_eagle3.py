@@ -160,9 +160,11 @@ def test_states_captured_in_a_ragged_step_equal_hf_hidden_states(family):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_sampled_speculation_with_a_head_preserves_the_target_distribution():
-    """10^4 seeded three-token samples; the head's vocabulary leaves out some tokens the target can sample (their
-    draft probability is 0). Chi-square of (t2, t3) against the target's exact law."""
+@pytest.mark.parametrize("seeded", [True, False], ids=["coupled", "rejection-sampling"])
+def test_sampled_speculation_with_a_head_preserves_the_target_distribution(seeded):
+    """10^4 three-token samples, seeded (drafts coupled to the target's noise) or not (rejection sampling against
+    the head's probabilities); the head's vocabulary leaves out tokens the target can sample (their draft
+    probability is 0). Chi-square of (t2, t3) against the target's exact law."""
     vocab = 16
     target = tiny_model("llama", vocab_size=vocab, num_hidden_layers=5, logit_scale=6.0)
     torch.manual_seed(1)
@@ -175,7 +177,7 @@ def test_sampled_speculation_with_a_head_preserves_the_target_distribution():
                                             num_kv_blocks=2 * num_samples),
                        speculative=SpeculativeConfig("eagle3", num_draft_tokens=3, draft_head=head, adaptive=False))
     outs = _run(engine, [prompt] * num_samples,
-                [SamplingParams(max_tokens=3, temperature=temperature, seed=i, ignore_eos=True)
+                [SamplingParams(max_tokens=3, temperature=temperature, seed=i if seeded else None, ignore_eos=True)
                  for i in range(num_samples)])
     counts = torch.zeros(vocab, vocab, dtype=torch.float64)
     for o in outs:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from cospec.decoding.eagle3 import Eagle3Head
-from cospec.decoding.proposers import sample_drafts
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, StateRunner
+from cospec.decoding.sampling import sample_draft_tokens
 
 
 @dataclass(slots=True)
@@ -66,7 +66,8 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        drafts = [Draft([], [] if r.generator is not None else None) for r in requests]
+        # Draft distributions are kept only where rejection sampling will judge them (unseeded sampled requests).
+        drafts = [Draft([], [] if r.seed is not None and not r.coupled else None) for r in requests]
         active, items, inputs = [], [], []
         for i, r in enumerate(requests):
             state = self._states.get(r.seq_id)
@@ -82,13 +83,14 @@ class Eagle3Proposer:
         positions = {i: len(requests[i].token_ids) - 1 for i in active}  # where each next draft step runs
         while active:
             logits, out_states = self.runner.forward(items, torch.cat(inputs))
-            sub = [requests[i] for i in active]
-            tokens, probs = sample_drafts(self.head.target_logits(logits), sub)
+            # Over the full vocabulary (-inf outside the head's): processed and sampled like the target's position.
+            tokens, probs = sample_draft_tokens(self.head.target_logits(logits), [requests[i] for i in active],
+                                                [drafts[i].token_ids for i in active])
             items, inputs, still = [], [], []
             for row, i in enumerate(active):
                 r = requests[i]
                 drafts[i].token_ids.append(tokens[row])
-                if r.generator is not None:
+                if drafts[i].probs is not None:
                     drafts[i].probs.append(probs[row])
                 if len(drafts[i].token_ids) < r.num_draft_tokens:
                     items.append(ForwardItem(r.seq_id, [tokens[row]], positions[i], 1))
