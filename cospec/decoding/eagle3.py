@@ -24,6 +24,7 @@ import contextlib
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -258,19 +259,10 @@ def ttt_attention(module, query, key, value, attention_mask, scaling=None, dropo
     causal) and to its own steps 1..s only. Returns ``[B, T, heads, d]``."""
     num_tokens = query.shape[2]
     num_steps = key.shape[2] // num_tokens
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    k0, v0 = key[:, :, :num_tokens], value[:, :, :num_tokens]
-    scores = (query @ k0.transpose(-1, -2)) * scaling  # [B, heads, T, T]
-    scores = scores.masked_fill(~attention_mask, float("-inf"))
-    own = [(query * key[:, :, s * num_tokens:(s + 1) * num_tokens]).sum(-1, keepdim=True) * scaling
-           for s in range(1, num_steps)]  # [B, heads, T, 1] each
-    weights = torch.softmax(torch.cat([scores, *own], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-    out = weights[..., :num_tokens] @ v0
-    for s in range(1, num_steps):
-        out = out + weights[..., num_tokens + s - 1:num_tokens + s] * value[:, :, s * num_tokens:(s + 1) * num_tokens]
+    own = torch.eye(num_tokens, dtype=torch.bool, device=query.device).expand(*attention_mask.shape[:2], -1, -1)
+    mask = torch.cat([attention_mask] + [own] * (num_steps - 1), dim=-1)  # [B, 1, T, (s + 1) * T]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -176,7 +176,8 @@ def ttt_loss(head: Eagle3Head, batch: Batch, targets: Targets, num_steps: int, s
         valid = step_rows >= 0
         logits = head.compute_logits(step_state[valid]).float()  # [n, draft_vocab]
         q = targets.probs[step_rows[valid]]
-        loss = -(q * torch.log_softmax(logits, dim=-1)).sum(-1).mean() if len(q) else logits.sum() * 0
+        # -sum(q log softmax(z)) = logsumexp(z) - sum(q z), as q sums to 1 (no log-softmax tensor)
+        loss = (torch.logsumexp(logits, -1) - (q * logits).sum(-1)).mean() if len(q) else logits.sum() * 0
         total = total + step_decay ** step * loss
         correct = torch.zeros_like(valid)
         correct[valid] = logits.argmax(-1) == q.argmax(-1)
