@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cospec.decoding.logits_processing import ProcessorState, RowContext, needs_processing
+from cospec.decoding.protocols import embeds_rows
 from cospec.engine.sampling_params import SamplingParams
 
 
@@ -82,7 +83,8 @@ class Sequence:
     """One request: its tokens, how many of them have K/V in the cache, and what keys its random numbers."""
 
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...], context_prefix: list[int] | None = None) -> None:
+                 eos_token_ids: tuple[int, ...], processor_prompt: list[int] | None = None,
+                 prompt_embeds: torch.Tensor | None = None) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -101,9 +103,10 @@ class Sequence:
         self.is_coupled = params.seed is not None
         if not params.is_greedy:
             self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        # Tokens that logits processors and stopping criteria see before the prompt (generate(): the left padding
-        # Hugging Face keeps in input_ids).
-        self.context_prefix = list(context_prefix or [])
+        # The prompt as logits processors and stopping criteria see it, when it is not the prompt itself (generate():
+        # Hugging Face's input_ids row, with its padding and masked tokens; empty for a prompt given as embeddings).
+        self.processor_prompt = None if processor_prompt is None else list(processor_prompt)
+        self.prompt_embeds = prompt_embeds  # [k, hidden_size]: the model's input at the first k prompt positions
         self.processor_state = (ProcessorState(params) if needs_processing(params, tuple(self.stop_ids)) else None)
         self.logprobs: list | None = [] if params.logprobs is not None else None
         self.scores: list | None = [] if params.output_scores else None
@@ -114,8 +117,22 @@ class Sequence:
         """The logits-processing context of this sequence's next position (None: no processing)."""
         if self.processor_state is None:
             return None
-        return RowContext(self.params, self.token_ids, self.num_prompt_tokens, [], tuple(self.stop_ids),
-                          self.context_prefix, self.processor_state)
+        if self.processor_prompt is None:
+            return RowContext(self.params, self.token_ids, self.num_prompt_tokens, [], tuple(self.stop_ids),
+                              state=self.processor_state)
+        return RowContext(self.params, self.output_token_ids, 0, [], tuple(self.stop_ids), self.processor_prompt,
+                          self.processor_state)
+
+    def processor_token_ids(self) -> list[int]:
+        """What logits processors and stopping criteria see as the sequence's tokens (HF's ``input_ids`` row)."""
+        if self.processor_prompt is None:
+            return self.token_ids
+        return self.processor_prompt + self.output_token_ids
+
+    def prompt_embeds_for(self, start: int, num_tokens: int) -> torch.Tensor | None:
+        """``[<= num_tokens, hidden_size]``: the prompt embeddings of positions ``start..start + num_tokens - 1`` that
+        have them (None if none do)."""
+        return embeds_rows(self.prompt_embeds, start, num_tokens)
 
     @property
     def num_tokens(self) -> int:
