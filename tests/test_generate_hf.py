@@ -222,7 +222,9 @@ def test_default_and_explicit_max_length_like_hf(llama_setup):
     """HF's default is 20 new tokens; an explicit max_length counts the inputs (the embeddings when there are no
     ids)."""
     model, input_ids, mask = llama_setup
-    assert_same_output(cospec.generate(model, input_ids, attention_mask=mask), _hf(model, input_ids, attention_mask=mask))
+    expected = _hf(model, input_ids, attention_mask=mask)
+    assert expected.shape[1] == input_ids.shape[1] + 20
+    assert_same_output(cospec.generate(model, input_ids, attention_mask=mask), expected)
     embeds = _soft_prompt(model, input_ids)
     for kwargs in (dict(max_length=input_ids.shape[1] + 5, min_length=input_ids.shape[1] + 4),
                    dict(inputs_embeds=embeds, max_length=input_ids.shape[1] + 5)):

@@ -39,7 +39,8 @@ def _run(model, requests, config: EngineConfig | None = None, speculative=None, 
     """Outputs of ``requests`` [(token ids, embeddings)]; ``ids``: 'none' (embeddings only), 'both' or 'only'."""
     engine = LLMEngine(model, config or EngineConfig(num_kv_blocks=64), speculative=speculative)
     for i, (prompt, embeds) in enumerate(requests):
-        engine.add_request(str(i), None if ids == "none" else prompt, params or SamplingParams(max_tokens=12, temperature=0),
+        engine.add_request(str(i), None if ids == "none" else prompt,
+                           params or SamplingParams(max_tokens=12, temperature=0),
                            prompt_embeds=None if ids == "only" else embeds)
     done = {}
     while engine.has_unfinished_requests():
@@ -94,7 +95,8 @@ def test_speculation_with_embeddings_prompts_equals_plain_decoding(model, method
     speculative = (SpeculativeConfig("self_spec", num_draft_tokens=4, self_spec_layers=1, adaptive=False)
                    if method == "self_spec" else
                    SpeculativeConfig("prompt_lookup", num_draft_tokens=4, max_ngram_size=2, adaptive=False))
-    for params in (SamplingParams(max_tokens=16, temperature=0), SamplingParams(max_tokens=16, temperature=0.8, seed=5)):
+    for params in (SamplingParams(max_tokens=16, temperature=0),
+                   SamplingParams(max_tokens=16, temperature=0.8, seed=5)):
         plain = _run(model, requests, ids=ids, params=params)
         fast = _run(model, requests, speculative=speculative, ids=ids, params=params)
         assert [o.output_token_ids for o in fast] == [o.output_token_ids for o in plain]
@@ -154,10 +156,12 @@ def test_bad_prompt_embeds_are_refused(model):
         with pytest.raises(ValueError, match=match):
             engine.add_request("x", prompt, params, prompt_embeds=embeds)
     draft = tiny_model("llama", vocab_size=VOCAB, seed=2, num_hidden_layers=1)
-    drafting = LLMEngine(model, EngineConfig(num_kv_blocks=8), speculative=SpeculativeConfig("draft", draft_model=draft))
+    drafting = LLMEngine(model, EngineConfig(num_kv_blocks=8),
+                         speculative=SpeculativeConfig("draft", draft_model=draft))
     with pytest.raises(ValueError, match="draft model cannot read"):
         drafting.add_request("x", None, params, prompt_embeds=torch.zeros(2, hidden))
     drafting.add_request("y", [1, 2], params, prompt_embeds=torch.zeros(2, hidden))  # the draft reads the tokens
-    fused = LLMEngine(model, EngineConfig(num_kv_blocks=8), fusion=FusionConfig([draft], FusionSpec.mixture([0.5, 0.5])))
+    fused = LLMEngine(model, EngineConfig(num_kv_blocks=8),
+                      fusion=FusionConfig([draft], FusionSpec.mixture([0.5, 0.5])))
     with pytest.raises(ValueError, match="fusion"):
         fused.add_request("x", [1, 2], params, prompt_embeds=torch.zeros(2, hidden))

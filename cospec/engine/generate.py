@@ -168,7 +168,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     outputs = _run(engine, rows, row_params, streamer)
     if streamer is not None:
         streamer.end()
-    outputs = _finish_like_hf(engine, rows, row_params, outputs, eos_ids, pad, params.output_scores or params.output_logits)
+    outputs = _finish_like_hf(engine, rows, row_params, outputs, eos_ids, pad,
+                              want_reports=params.output_scores or params.output_logits)
     return _hf_result(input_ids, outputs, pad, bool(_resolve(config, "return_dict_in_generate")))
 
 
@@ -253,7 +254,8 @@ def _new_token_counts(model: nn.Module, config, has_default_max_length: bool, nu
 def _run(engine: LLMEngine, rows: list[PromptRow], params: list[SamplingParams], streamer=None) -> list[RequestOutput]:
     """Decode every row to the end; one output per row, in order. A row whose request failed raises."""
     for i, (row, row_params) in enumerate(zip(rows, params)):
-        engine.add_request(str(i), row.token_ids, row_params, processor_prompt=row.processor_prompt,
+        processor_prompt = None if row.processor_prompt == row.token_ids else row.processor_prompt  # the cheap path
+        engine.add_request(str(i), row.token_ids, row_params, processor_prompt=processor_prompt,
                            prompt_embeds=row.embeds)
     done: dict[str, RequestOutput] = {}
     num_streamed = 0
@@ -272,7 +274,8 @@ def _run(engine: LLMEngine, rows: list[PromptRow], params: list[SamplingParams],
 
 
 def _finish_like_hf(engine: LLMEngine, rows: list[PromptRow], params: list[SamplingParams],
-                    outputs: list[RequestOutput], eos_ids: list[int], pad: int, want_reports: bool) -> list[RequestOutput]:
+                    outputs: list[RequestOutput], eos_ids: list[int], pad: int,
+                    want_reports: bool) -> list[RequestOutput]:
     """Outputs of rows that finished before the longest one, as HF gives them (see the module docstring)."""
     width = max(len(out.output_token_ids) for out in outputs)
     early = [i for i, out in enumerate(outputs) if len(out.output_token_ids) < width]

@@ -65,8 +65,7 @@ def prompt_rows(model: nn.Module, input_ids: torch.Tensor | None, inputs_embeds:
         if input_ids is not None and pad_token_id is not None and pad_token_id not in eos_token_ids:
             attention_mask = (input_ids != pad_token_id).long()  # as HF infers it from padding
     elif not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, width):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask {shape} does not match the inputs ({batch}, {width})")
+        raise ValueError(f"attention_mask {_shape(attention_mask)} does not match the inputs ({batch}, {width})")
     attended = attention_mask.bool().cpu()  # [batch, width]
     unattended_last = (~attended[:, -1]).nonzero().flatten().tolist()
     if unattended_last:
@@ -107,8 +106,8 @@ def _check_embeds(model: nn.Module, inputs_embeds, input_ids: torch.Tensor | Non
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
             or inputs_embeds.shape[2] != hidden_size or not inputs_embeds.is_floating_point():
-        shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
-        raise ValueError(f"inputs_embeds must be a float tensor [batch, length, {hidden_size}], got {shape}")
+        raise ValueError(f"inputs_embeds must be a float tensor [batch, length, {hidden_size}], got "
+                         f"{_shape(inputs_embeds)}")
     if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} must "
                          "have the same batch size and length (the embeddings are the model's input for input_ids)")
@@ -118,8 +117,7 @@ def _check_position_ids(position_ids, attended: torch.Tensor) -> None:
     """Position ids must be what HF derives from the mask at every attended token (padding positions are free)."""
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 \
             or position_ids.shape[1] != attended.shape[1] or position_ids.shape[0] not in (1, attended.shape[0]):
-        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
-        raise ValueError(f"position_ids {shape} do not match the inputs {tuple(attended.shape)}")
+        raise ValueError(f"position_ids {_shape(position_ids)} do not match the inputs {tuple(attended.shape)}")
     expected = attended.long().cumsum(dim=1) - 1
     differs = (position_ids.cpu().expand_as(expected) != expected) & attended
     if bool(differs.any()):
@@ -127,6 +125,11 @@ def _check_position_ids(position_ids, attended: torch.Tensor) -> None:
         raise UnsupportedArgumentError(
             f"position_ids of row(s) {rows} differ from the attention mask's (attended tokens at 0, 1, 2, ...): cospec "
             "takes positions from the mask; other position_ids are not supported")
+
+
+def _shape(value) -> object:
+    """A tensor's shape, or the type name of something that is not a tensor (for error messages)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _sliding_window(model: nn.Module) -> int | None:

@@ -200,13 +200,15 @@ class LLMEngine:
         hidden_size = self.model.get_input_embeddings().weight.shape[1]
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 2 \
                 or prompt_embeds.shape[1] != hidden_size or not prompt_embeds.is_floating_point():
-            shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds).__name__
+            shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds)
             raise ValueError(f"prompt_embeds must be a float tensor [num_tokens, {hidden_size}] (the model's hidden "
                              f"size), got {shape}")
-        if prompt_embeds.shape[0] == 0 or (prompt_token_ids is not None and prompt_embeds.shape[0] > len(prompt_token_ids)):
+        num_rows = prompt_embeds.shape[0]
+        if num_rows == 0 or (prompt_token_ids is not None and num_rows > len(prompt_token_ids)):
             raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows; give 1 to len(prompt_token_ids) rows")
         if self.fusion is not None:
-            raise ValueError("prompt_embeds cannot be used with fusion: the members cannot read the target's embeddings")
+            raise ValueError("prompt_embeds cannot be used with fusion: the members cannot read the target's "
+                             "embeddings")
         if prompt_token_ids is None and self.speculative is not None and self.speculative.method == "draft":
             raise ValueError("a draft model cannot read a prompt given only as embeddings (give the prompt's token "
                              "ids too, or use prompt lookup or self-speculation)")
