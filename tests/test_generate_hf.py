@@ -358,3 +358,11 @@ def test_speculation_gives_the_same_outputs_for_each_feature(repetitive_setup, a
         assert_same_output(got, expected)
         if name in ("scores_logits", "stop_strings", "ids_and_embeds", "bos"):
             assert_same_output(got, _hf(model, max_new_tokens=NEW, **kwargs))
+
+
+def test_inputs_is_another_name_for_input_ids(llama_setup):
+    model, input_ids, mask = llama_setup
+    expected = _hf(model, inputs=input_ids, attention_mask=mask, max_new_tokens=4)
+    assert_same_output(cospec.generate(model, inputs=input_ids, attention_mask=mask, max_new_tokens=4), expected)
+    with pytest.raises(ValueError, match="not both"):
+        cospec.generate(model, input_ids, inputs=input_ids, attention_mask=mask, max_new_tokens=4)

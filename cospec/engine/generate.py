@@ -107,8 +107,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     Sampling: each row's random numbers are keyed by a seed drawn from torch's global generator and the output
     position, so ``torch.manual_seed(s)`` reproduces a call, with or without an assistant (same tokens).
     """
+    inputs = kwargs.pop("inputs", None)
     if input_ids is None:
-        input_ids = kwargs.pop("inputs", None)
+        input_ids, inputs = inputs, None
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     position_ids = kwargs.pop("position_ids", None)
     tokenizer = kwargs.pop("tokenizer", None)
@@ -120,6 +121,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         raise UnsupportedArgumentError("assistant_model cannot read a prompt given only as inputs_embeds: pass its "
                                        "input_ids too, or draft with prompt_lookup_num_tokens or assistant_early_exit")
 
+    if inputs is not None:
+        raise ValueError("pass the prompts as input_ids or as inputs, not both")
     eos = config.eos_token_id
     eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
     pad = config.pad_token_id
