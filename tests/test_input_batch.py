@@ -183,5 +183,5 @@ def test_rows_are_reclaimed_before_the_batch_grows():
 def test_a_window_past_the_blocks_is_named():
     bm = BlockManager(num_blocks=4, block_size=4)
     bm.grow(0, 4)
-    with pytest.raises(ValueError, match="sequence 0 runs up to 6 tokens but holds 1 KV blocks"):
+    with pytest.raises(ValueError, match="sequence 0 needs 2 KV blocks of 4 tokens for this step but holds 1"):
         InputBatch(bm, CPU).prepare([ForwardItem(0, [1, 2], 4, 1)])

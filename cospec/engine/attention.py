@@ -39,7 +39,7 @@ class StepMetadata:
 
     def __post_init__(self) -> None:
         self.layout = GatherLayout(self.block_tables, self.seq_lens, self.query_start_loc, self.block_size,
-                                   self.max_q_len, self.max_kv_len)
+                                   self.max_q_len, self.max_kv_len, num_tokens=self.slot_mapping.shape[0])
 
     @property
     def num_seqs(self) -> int:
