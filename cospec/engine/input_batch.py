@@ -101,9 +101,9 @@ class InputBatch:
                                 dtype=torch.int32)
             grown[:, : self.block_tables.shape[1]] = self.block_tables
             self.block_tables = grown
-        rows = torch.tensor([row for row, _, ids in writes for _ in ids])
-        cols = torch.tensor([first + j for _, first, ids in writes for j in range(len(ids))])
-        self.block_tables[rows, cols] = torch.tensor([b for _, _, ids in writes for b in ids], dtype=torch.int32)
+        rows = _int64_tensor([row for row, _, ids in writes for _ in ids])
+        cols = _int64_tensor([first + j for _, first, ids in writes for j in range(len(ids))])
+        self.block_tables[rows, cols] = _int32_tensor([b for _, _, ids in writes for b in ids])
 
     # ---- step inputs ---------------------------------------------------------------------------------------
     def prepare(self, items: list[ForwardItem]) -> tuple[StepInputs, StepMetadata]:
@@ -145,7 +145,9 @@ class InputBatch:
 
 def _int64_tensor(values: list[int]) -> torch.Tensor:
     """A 1-D int64 CPU tensor of Python ints, through ``array.array`` (3-4x cheaper than torch.tensor(list))."""
-    return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+    if not values:  # frombuffer refuses an empty buffer
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
 def _int32_tensor(values: list[int]) -> torch.Tensor:

@@ -70,10 +70,10 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(
-        out_ptr,  # [num_tokens, num_heads, head_dim] (NUM_SPLITS == 1)
-        split_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_PADDED] float32 (NUM_SPLITS > 1)
-        split_max_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
-        split_sum_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
+        out_ptr,  # [num_tokens, num_heads, head_dim] (not IS_SPLIT)
+        split_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PADDED] float32 (IS_SPLIT)
+        split_max_ptr,  # [num_tokens, num_heads, num_splits] float32
+        split_sum_ptr,  # [num_tokens, num_heads, num_splits] float32
         query_ptr,  # [num_tokens, num_heads, head_dim]
         k_pool_ptr,  # [num_slots, num_kv_heads, head_dim]
         v_pool_ptr,  # [num_slots, num_kv_heads, head_dim]
@@ -82,7 +82,9 @@ if triton is not None:
         query_start_loc_ptr,  # [num_seqs + 1] int32
         scale,
         softcap,
+        sliding_window,
         num_seqs,
+        num_splits,
         query_stride_token,
         query_stride_head,
         out_stride_token,
@@ -100,9 +102,9 @@ if triton is not None:
         BLOCK_Q: tl.constexpr,  # queries per program
         BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q queries x GROUP heads, padded to a power of two >= 16
         TILE_N: tl.constexpr,
-        SLIDING_WINDOW: tl.constexpr,  # 0 = no window
+        USE_SLIDING_WINDOW: tl.constexpr,
         USE_SOFTCAP: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
+        IS_SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _merge_splits_kernel
         DOT_PRECISION: tl.constexpr,
     ):
         q_block_global = tl.program_id(0)
@@ -136,11 +138,11 @@ if triton is not None:
         last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
         kv_hi = context_len + last_q + 1
         kv_lo = 0
-        if SLIDING_WINDOW > 0:
-            kv_lo = tl.maximum(context_len + q_block * BLOCK_Q - SLIDING_WINDOW + 1, 0)
+        if USE_SLIDING_WINDOW:
+            kv_lo = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
         tile_lo = kv_lo // TILE_N
         tile_hi = tl.cdiv(kv_hi, TILE_N)
-        tiles_per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+        tiles_per_split = tl.cdiv(tile_hi - tile_lo, num_splits)
         split_lo = tile_lo + split * tiles_per_split
         split_hi = tl.minimum(split_lo + tiles_per_split, tile_hi)
 
@@ -162,8 +164,8 @@ if triton is not None:
             if USE_SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             visible = kv_pos[None, :] <= q_pos[:, None]
-            if SLIDING_WINDOW > 0:
-                visible = visible & (q_pos[:, None] - kv_pos[None, :] < SLIDING_WINDOW)
+            if USE_SLIDING_WINDOW:
+                visible = visible & (q_pos[:, None] - kv_pos[None, :] < sliding_window)
             s = tl.where(visible, s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -176,12 +178,12 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        if NUM_SPLITS == 1:
+        if not IS_SPLIT:
             out = acc / l_i[:, None]
             tl.store(out_ptr + q_token[:, None] * out_stride_token + head[:, None] * out_stride_head + dims[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
         else:
-            part = (q_token * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M] index into the split buffers
+            part = (q_token * NUM_HEADS + head) * num_splits + split  # [BLOCK_M] index into the split buffers
             tl.store(split_acc_ptr + part[:, None] * HEAD_DIM_PADDED + dims[None, :], acc, mask=row_valid[:, None])
             tl.store(split_max_ptr + part, m_i, mask=row_valid)
             tl.store(split_sum_ptr + part, l_i, mask=row_valid)
@@ -189,24 +191,24 @@ if triton is not None:
     @triton.jit
     def _merge_splits_kernel(
         out_ptr,  # [num_tokens, num_heads, head_dim]
-        split_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, HEAD_DIM_PADDED] float32
-        split_max_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
-        split_sum_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
+        split_acc_ptr,  # [num_tokens, num_heads, num_splits, HEAD_DIM_PADDED] float32
+        split_max_ptr,  # [num_tokens, num_heads, num_splits] float32
+        split_sum_ptr,  # [num_tokens, num_heads, num_splits] float32
+        num_splits,
         out_stride_token,
         out_stride_head,
         NUM_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         HEAD_DIM_PADDED: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        SPLITS_PADDED: tl.constexpr,
+        SPLITS_PADDED: tl.constexpr,  # num_splits rounded up to a power of two
     ):
         # One program per (token, head): rescale each split to the overall max and normalise once.
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         splits = tl.arange(0, SPLITS_PADDED)
-        split_valid = splits < NUM_SPLITS
+        split_valid = splits < num_splits
         dims = tl.arange(0, HEAD_DIM_PADDED)
-        part = (token * NUM_HEADS + head) * NUM_SPLITS + splits
+        part = (token * NUM_HEADS + head) * num_splits + splits
         m = tl.load(split_max_ptr + part, mask=split_valid, other=float("-inf"))
         l = tl.load(split_sum_ptr + part, mask=split_valid, other=0.0)
         acc = tl.load(split_acc_ptr + part[:, None] * HEAD_DIM_PADDED + dims[None, :], mask=split_valid[:, None],
@@ -306,19 +308,20 @@ def paged_attention(
         split_acc = split_max = split_sum = out  # unused
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
         out, split_acc, split_max, split_sum, query, k_pool, v_pool, block_tables, seq_lens, query_start_loc,
-        scale if scale is not None else 1.0 / math.sqrt(head_dim), softcap or 0.0, num_seqs,
+        scale if scale is not None else 1.0 / math.sqrt(head_dim), softcap or 0.0, sliding_window or 0, num_seqs,
+        num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=TILE_N, SLIDING_WINDOW=sliding_window or 0,
-        USE_SOFTCAP=softcap is not None, NUM_SPLITS=num_splits,
+        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=TILE_N, USE_SLIDING_WINDOW=sliding_window is not None,
+        USE_SOFTCAP=softcap is not None, IS_SPLIT=num_splits > 1,
         # float32 pools: full-precision products, as the reference computes them (no TF32).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            out, split_acc, split_max, split_sum, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, NUM_SPLITS=num_splits,
+            out, split_acc, split_max, split_sum, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
             SPLITS_PADDED=triton.next_power_of_2(num_splits),
         )
     return out
