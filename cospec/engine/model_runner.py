@@ -94,4 +94,3 @@ def _check_layer_skipping(model: nn.Module, num_layers: int) -> None:
     if "[: self.config.num_hidden_layers]" not in source:
         raise ValueError(f"self-speculation is not supported for {type(model).__name__}: its decoder does not "
                          "loop over config.num_hidden_layers layers")
-
