@@ -221,19 +221,12 @@ if triton is not None:
 
 
 def _check(query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, sliding_window, softcap) -> None:
-    if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
-    if k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool and v_pool must both be [num_slots, num_kv_heads, head_dim], got "
-                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
-    num_heads, head_dim = query.shape[1:]
-    num_kv_heads = k_pool.shape[1]
-    if k_pool.shape[2] != head_dim:
-        raise ValueError(f"query head_dim {head_dim} differs from the pool's {k_pool.shape[2]}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if query.dtype != k_pool.dtype or v_pool.dtype != k_pool.dtype:
-        raise ValueError(f"dtype mismatch: query {query.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}")
+    _check_metadata(block_tables, seq_lens, query_start_loc, block_size)
+    _check_inputs(query, k_pool, v_pool, block_tables.device, block_size, sliding_window, softcap)
+
+
+def _check_metadata(block_tables, seq_lens, query_start_loc, block_size) -> None:
+    """The batch layout: shared by every layer of a step, so the engine checks it once (``GatherLayout``)."""
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32:
         raise ValueError(f"block_tables must be int32 [num_seqs, max_blocks], got {block_tables.dtype} "
                          f"{tuple(block_tables.shape)}")
@@ -243,14 +236,34 @@ def _check(query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block
     if query_start_loc.shape != (num_seqs + 1,) or query_start_loc.dtype != torch.int32:
         raise ValueError(f"query_start_loc must be int32 of shape ({num_seqs + 1},), got {query_start_loc.dtype} "
                          f"{tuple(query_start_loc.shape)}")
-    if block_size <= 0 or k_pool.shape[0] % block_size:
-        raise ValueError(f"block_size must be positive and divide the pool's {k_pool.shape[0]} slots, got {block_size}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if not seq_lens.device == query_start_loc.device == block_tables.device:
+        raise ValueError("paged_attention: block_tables, seq_lens and query_start_loc must be on one device")
+
+
+def _check_inputs(query, k_pool, v_pool, device, block_size, sliding_window, softcap) -> None:
+    """Per call: the queries and one layer's pools against each other and the batch layout's device."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
+    if k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must both be [num_slots, num_kv_heads, head_dim], got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    num_heads, head_dim = query.shape[1:]
+    num_slots, num_kv_heads, pool_head_dim = k_pool.shape
+    if pool_head_dim != head_dim:
+        raise ValueError(f"query head_dim {head_dim} differs from the pool's {pool_head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if query.dtype != k_pool.dtype or v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"dtype mismatch: query {query.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}")
+    if num_slots % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the pool's {num_slots} slots")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be None or positive, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be None or positive, got {softcap}")
-    tensors = (query, k_pool, v_pool, block_tables, seq_lens, query_start_loc)
-    if len({t.device for t in tensors}) != 1:
+    if not query.device == k_pool.device == v_pool.device == device:
         raise ValueError("paged_attention: all tensors must be on one device")
 
 
@@ -355,6 +368,7 @@ class GatherLayout:
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                  block_size: int, max_q_len: int | None = None, max_kv_len: int | None = None,
                  num_tokens: int | None = None) -> None:
+        _check_metadata(block_tables, seq_lens, query_start_loc, block_size)
         self.block_tables = block_tables  # [num_seqs, max_blocks] int32
         self.seq_lens = seq_lens  # [num_seqs] int32
         self.query_start_loc = query_start_loc  # [num_seqs + 1] int32
@@ -387,6 +401,8 @@ class GatherLayout:
         kv_pos = torch.arange(self.max_kv_len, device=self.block_tables.device)
         blocks = self.block_tables.long().index_select(1, kv_pos // self.block_size)
         slots = blocks * self.block_size + kv_pos % self.block_size
+        if self.num_seqs == 1:  # its length is max_kv_len: no padding columns
+            return slots
         return torch.where(kv_pos < self.seq_lens[:, None], slots, slots[:, :1])
 
     @functools.cached_property
@@ -421,7 +437,7 @@ class GatherLayout:
             sliding_window = None  # the window covers everything: plain causal
         if sliding_window not in self._masks:
             is_full = (self.max_q_len == 1 and sliding_window is None
-                       and bool((self.seq_lens == self.max_kv_len).all()))
+                       and (self.num_seqs == 1 or bool((self.seq_lens == self.max_kv_len).all())))
             if is_full:
                 self._masks[sliding_window] = None
             else:
@@ -438,9 +454,9 @@ def paged_attention_ref(query, k_pool, v_pool, block_tables, seq_lens, query_sta
                         sliding_window=None, softcap=None, *, layout: GatherLayout | None = None) -> torch.Tensor:
     """Torch reference (and the CPU path): gather, pad, SDPA, unpad. ``layout`` is this batch's ``GatherLayout``
     when the caller keeps one across layers; built here otherwise."""
-    _check(query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, sliding_window, softcap)
-    if layout is None:
+    if layout is None:  # checks the metadata
         layout = GatherLayout(block_tables, seq_lens, query_start_loc, block_size, num_tokens=query.shape[0])
+    _check_inputs(query, k_pool, v_pool, layout.block_tables.device, block_size, sliding_window, softcap)
     num_seqs, max_q = layout.num_seqs, layout.max_q_len
     num_heads, head_dim = query.shape[1:]
     q = query if layout.q_pad_index is None else query.index_select(0, layout.q_pad_index)
