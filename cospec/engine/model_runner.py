@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.cpu_linear import RowPlan, cpu_linears, fast_cpu_linears, row_plan
+from cospec.engine.input_batch import InputBatch
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 
@@ -44,47 +44,7 @@ class ModelRunner:
         self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
         self.row_plan = row_plan(self._linears, packed_cpu_weights) if self._linears else RowPlan()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-
-    # ---- metadata ------------------------------------------------------------------------------------------
-    def _metadata(self, items: list[ForwardItem]) -> tuple[StepInputs, attention.StepMetadata]:
-        bm, device = self.block_manager, self.device
-        block_size = bm.block_size
-        q_lens = [len(it.token_ids) for it in items]
-        kv_lens = [it.start_pos + n for it, n in zip(items, q_lens)]
-        num_seqs, max_q, max_kv = len(items), max(q_lens), max(kv_lens)
-        offsets = torch.arange(block_size)
-        gather = torch.zeros(num_seqs, max_kv, dtype=torch.int64)
-        slot_parts, pos_parts, logit_rows = [], [], []
-        q_positions = torch.zeros(num_seqs, max_q, dtype=torch.int64)
-        packed = 0
-        for i, (it, q_len, kv_len) in enumerate(zip(items, q_lens, kv_lens)):
-            table = torch.tensor(bm.block_tables[it.seq_id][: bm.num_blocks_for(kv_len)], dtype=torch.int64)
-            slots = (table[:, None] * block_size + offsets).flatten()[:kv_len]
-            gather[i, :kv_len] = slots
-            slot_parts.append(slots[it.start_pos:])
-            positions = torch.arange(it.start_pos, kv_len)
-            pos_parts.append(positions)
-            q_positions[i, :q_len] = positions
-            logit_rows.extend(range(packed + q_len - it.num_logits, packed + q_len))
-            packed += q_len
-        if all(n == max_q for n in q_lens):
-            q_pad_index = q_unpad_index = None
-        else:  # scatter packed queries into [num_seqs, max_q] rows and back
-            padded_row = torch.cat([torch.arange(n) + i * max_q for i, n in enumerate(q_lens)])
-            q_unpad_index = padded_row
-            q_pad_index = torch.zeros(num_seqs * max_q, dtype=torch.int64)
-            q_pad_index[padded_row] = torch.arange(packed)
-        meta = attention.StepMetadata(
-            q_lens=q_lens, kv_lens=kv_lens,
-            slot_mapping=torch.cat(slot_parts).to(device),
-            kv_gather_index=gather.to(device), q_positions=q_positions.to(device),
-            q_pad_index=None if q_pad_index is None else q_pad_index.to(device),
-            q_unpad_index=None if q_unpad_index is None else q_unpad_index.to(device),
-        )
-        input_ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.int64, device=device)
-        # int64 even when empty (a step of prefill chunks only): torch.tensor([]) is float and cannot index.
-        logit_rows = torch.tensor(logit_rows, dtype=torch.int64, device=device)
-        return StepInputs(input_ids, torch.cat(pos_parts).to(device), logit_rows), meta
+        self.input_batch = InputBatch(block_manager, self.device)
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
@@ -96,7 +56,7 @@ class ModelRunner:
         return logits.clone()
 
     def _forward(self, items: list[ForwardItem]) -> torch.Tensor:
-        inputs, meta = self._metadata(items)
+        inputs, meta = self.input_batch.prepare(items)
         self.cache.slot_mapping = meta.slot_mapping
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
@@ -149,10 +109,3 @@ def _check_layer_skipping(model: nn.Module, num_layers: int) -> None:
     if "[: self.config.num_hidden_layers]" not in source:
         raise ValueError(f"self-speculation is not supported for {type(model).__name__}: its decoder does not "
                          "loop over config.num_hidden_layers layers")
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    logit_rows: torch.Tensor  # [num_logits] rows of the packed batch whose logits are returned

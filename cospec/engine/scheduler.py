@@ -73,8 +73,10 @@ class Scheduler:
     def _make_room(self, seq: Sequence, new_length: int, scheduled: list[ScheduledSeq]) -> bool:
         """Grow ``seq``'s blocks to ``new_length``, preempting the newest sequences not yet scheduled this step if
         needed. False if ``seq`` itself had to be preempted."""
-        taken = {s.seq.seq_id for s in scheduled}
+        taken = None  # built only when someone must be preempted: per sequence it would make a step O(batch^2)
         while not self.block_manager.can_grow(seq.seq_id, new_length):
+            if taken is None:
+                taken = {s.seq.seq_id for s in scheduled}
             victim = next(s for s in reversed(self.running) if s.seq_id not in taken)
             self.preempt(victim)
             if victim is seq:
