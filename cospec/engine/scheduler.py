@@ -11,12 +11,14 @@ Fair admission (``EngineConfig.scheduling_policy='fair'``, the default). Decode 
 waiting requests are latency-sensitive work: someone waits for their next token. In a step that carries such work
 (``L`` tokens: the decode windows and a reserve for the waiting requests' first chunks, at most half the budget),
 prefills already running share at most ``L + C`` tokens, where ``C`` is the number of tokens whose forward costs
-as much as a step's fixed cost (measured: ``a / b`` of the linear fit ``a + b * tokens`` of recent step times, or
-``EngineConfig.fair_prefill_tokens``). Such a step costs ``a + b L + b (L + C) = 2 (a + b L)``: at most about twice
-what its latency-sensitive work costs alone. So a short request gets its first chunk in the next step however long
-the prompt being prefilled, decodes slow down by at most ~2x, and a long prompt still advances every step; with no
-latency-sensitive work a running prefill takes the whole budget. 'fcfs' lets running prefills take the budget first
-(best throughput for a long prompt; requests behind it wait until it is done).
+as much as a step's fixed cost: ``a / b`` of the linear fit ``a + b * tokens`` of recent step times (32 until steps
+of different sizes have been timed), or ``EngineConfig.fair_prefill_tokens``. Such a step costs
+``a + b L + b (L + C) = 2 (a + b L)``: at most about twice what its latency-sensitive work costs alone. So a short
+request gets its first chunk in the next step however long the prompt being prefilled, decodes slow down by at most
+~2x (but in the step that admits a new request, whose first chunk may take the rest of the budget), and a long
+prompt still advances every step; with no latency-sensitive work a running prefill takes the whole budget. 'fcfs'
+lets running prefills take the budget first (best throughput for a long prompt; requests behind it wait until it
+is done).
 
 Samples of one prompt (``n > 1``): the other samples are held until the first has computed the prompt, then start
 on its cached blocks.
@@ -33,6 +35,9 @@ from cospec.decoding.draft_length import CostModel
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.config import EngineConfig
 from cospec.engine.sequence import Sequence, SequenceStatus
+
+# C until steps of different sizes have been timed (a fresh engine).
+UNMEASURED_FAIR_PREFILL_TOKENS = 32
 
 
 @dataclass(slots=True)
@@ -56,6 +61,7 @@ class Scheduler:
         """Set by the engine when the proposer can reuse only part of a cached prefix (a draft head that needs
         the target's hidden states of the positions it has not seen): cached tokens found -> tokens to reuse."""
         self.step_costs = CostModel()
+        self._step_sizes = (0, 0)  # (fewest, most) tokens of an observed step
 
     def add(self, seq: Sequence, after: Sequence | None = None) -> None:
         """Queue ``seq``; with ``after`` (an earlier sample of the same prompt), hold it until ``after`` has computed
@@ -76,6 +82,8 @@ class Scheduler:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The measured time of a forward over ``num_tokens`` tokens (for fair admission's step-cost model)."""
         self.step_costs.observe_forward(num_tokens, seconds)
+        fewest, most = self._step_sizes
+        self._step_sizes = (min(fewest, num_tokens) if fewest else num_tokens, max(most, num_tokens))
 
     def schedule(self, num_draft_tokens: dict[int, int] | None = None) -> list[ScheduledSeq]:
         """Pick this step's work. ``num_draft_tokens[seq_id]`` asks for room for that many drafts after a decode."""
@@ -150,6 +158,9 @@ class Scheduler:
         """C: tokens whose forward costs a step's fixed cost (configured, else from the measured step times)."""
         if self.config.fair_prefill_tokens is not None:
             return self.config.fair_prefill_tokens
+        fewest, most = self._step_sizes
+        if most < 2 * fewest or not fewest:  # steps of about one size tell nothing about the cost per token yet
+            return UNMEASURED_FAIR_PREFILL_TOKENS
         fixed, per_token = self.step_costs.coefficients()
         return max(1, round(fixed / per_token))
 
