@@ -79,7 +79,7 @@ def test_unseeded_samples_differ(model):
 def test_abort_stops_every_sample(model):
     engine = LLMEngine(model, EngineConfig(block_size=4))
     engine.add_request("r", random_prompt(20, VOCAB, seed=5), SamplingParams(n=3, max_tokens=50, temperature=1.0))
-    engine.step()  # the first sample prefills; the other two are held until it has
+    engine.step()  # the first sample prefills; the other two wait for its blocks
     assert engine.num_unfinished_requests == 3
     engine.step()
     engine.abort("r")

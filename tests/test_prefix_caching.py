@@ -206,5 +206,21 @@ def test_a_proposer_can_cap_the_reused_prefix(model, monkeypatch):
     prompt = random_prompt(40, VOCAB, seed=13)
     run_one(engine, "first", prompt, max_tokens=1)
     second = run_one(engine, "second", prompt, max_tokens=1)
-    assert asked == [36]
+    assert set(asked) == {36}
     assert second.stats.num_cached_prompt_tokens == 28 and counts[1] == 40 - 28
+
+
+def test_a_request_waits_for_a_shared_prefix_that_is_being_computed(model):
+    """Two requests with one system prompt, at once: the second waits while the first prefills the shared blocks
+    (in chunks of 16 tokens), then starts on them, instead of computing them again beside it."""
+    engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=16))
+    counts = count_target_tokens(engine)
+    system = random_prompt(40, VOCAB, seed=14)
+    greedy = SamplingParams(max_tokens=3, temperature=0.0)
+    engine.add_request("a", system + [5, 6, 7], greedy)
+    engine.add_request("b", system + [8, 9], greedy)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+    assert done["b"].stats.num_cached_prompt_tokens == 40
+    assert [counts[0], counts[1]] == [43 + 2, 2 + 2]

@@ -175,8 +175,8 @@ class LLMEngine:
         samples = [Sequence(next(self._seq_ids), request_id, prompt, params.for_sample(i), self.eos_token_ids, index=i)
                    for i in range(params.n)]
         self._requests[request_id] = samples
-        for seq in samples:  # samples after the first start on the prompt blocks it computes
-            self.scheduler.add(seq, after=samples[0] if seq is not samples[0] else None)
+        for seq in samples:  # the first computes the prompt; the others wait for it and start on its cached blocks
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its samples) and free its KV blocks at once (unknown or finished ids are ignored)."""

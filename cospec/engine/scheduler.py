@@ -20,8 +20,10 @@ prompt still advances every step; with no latency-sensitive work a running prefi
 lets running prefills take the budget first (best throughput for a long prompt; requests behind it wait until it
 is done).
 
-Samples of one prompt (``n > 1``): the other samples are held until the first has computed the prompt, then start
-on its cached blocks.
+A waiting request whose next block after its cached prefix is being computed by a running sequence (the same
+tokens up to that block's end: a system prompt or a conversation that another request is prefilling, or the prompt
+of the first of ``n`` samples) waits until it is computed and then finds it cached, rather than computing the same
+tokens again beside it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.held: list[tuple[Sequence, Sequence]] = []  # (sample, the first sample of its prompt)
         self.release_hooks: list = []  # called with seq_id whenever a sequence's cache is dropped
         self.max_reusable_prefix: Callable[[int], int] | None = None
         """Set by the engine when the proposer can reuse only part of a cached prefix (a draft head that needs
@@ -63,17 +64,12 @@ class Scheduler:
         self.step_costs = CostModel()
         self._step_sizes = (0, 0)  # (fewest, most) tokens of an observed step
 
-    def add(self, seq: Sequence, after: Sequence | None = None) -> None:
-        """Queue ``seq``; with ``after`` (an earlier sample of the same prompt), hold it until ``after`` has computed
-        the prompt, so that it starts on the prompt's cached blocks."""
-        if after is not None and self.block_manager.enable_prefix_caching:
-            self.held.append((seq, after))
-        else:
-            self.waiting.append(seq)
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.held)
+        return len(self.waiting) + len(self.running)
 
     @property
     def has_unfinished(self) -> bool:
@@ -87,7 +83,6 @@ class Scheduler:
 
     def schedule(self, num_draft_tokens: dict[int, int] | None = None) -> list[ScheduledSeq]:
         """Pick this step's work. ``num_draft_tokens[seq_id]`` asks for room for that many drafts after a decode."""
-        self._release_held()
         num_draft_tokens = num_draft_tokens or {}
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
@@ -118,14 +113,17 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             running_budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            prefix = self._cached_prefix(seq)
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            prefix, is_capped = self._cached_prefix(seq)
             num_cached = len(prefix) * self.block_manager.block_size
+            if not is_capped and self._is_being_computed(seq, num_cached):
+                continue
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.can_allocate(prefix, num_cached + num_new):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.block_manager.allocate(seq.seq_id, prefix, num_cached + num_new, num_lookup_tokens=seq.num_tokens)
             self._admit(seq, num_cached)
             scheduled.append(ScheduledSeq(seq, num_new))
@@ -140,19 +138,34 @@ class Scheduler:
             seq.stats.first_scheduled_time = time.perf_counter()
             seq.stats.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks a waiting sequence can start on: never its last token, which must run to give logits."""
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
+        """Cached blocks a waiting sequence can start on (never its last token, which must run to give logits), and
+        whether the proposer's ``max_reusable_prefix`` cut them short."""
         prefix = self.block_manager.lookup(seq.token_ids, seq.num_tokens - 1)
         if prefix and self.max_reusable_prefix is not None:
             reusable = self.max_reusable_prefix(len(prefix) * self.block_manager.block_size)
-            prefix = prefix[: max(reusable, 0) // self.block_manager.block_size]
-        return prefix
+            if reusable < len(prefix) * self.block_manager.block_size:
+                return prefix[: max(reusable, 0) // self.block_manager.block_size], True
+        return prefix, False
+
+    def _is_being_computed(self, seq: Sequence, num_cached: int) -> bool:
+        """Whether a running sequence is computing the block after ``seq``'s cached prefix (same tokens up to its
+        end), which ``seq`` could reuse once it is done."""
+        end = num_cached + self.block_manager.block_size
+        if not self.block_manager.enable_prefix_caching or end > seq.num_tokens - 1:
+            return False
+        prefix = seq.token_ids[:end]
+        return any(r.num_computed_tokens < end <= r.num_tokens and r.token_ids[:end] == prefix for r in self.running)
 
     def _waiting_tokens(self) -> int:
         """Tokens that the waiting requests that may start this step have to prefill (after their cached prefix)."""
-        slots = self.config.max_num_seqs - len(self.running)
-        return sum(s.num_tokens - len(self._cached_prefix(s)) * self.block_manager.block_size
-                   for s in list(self.waiting)[: max(slots, 0)])
+        tokens = 0
+        for seq in list(self.waiting)[: max(self.config.max_num_seqs - len(self.running), 0)]:
+            prefix, is_capped = self._cached_prefix(seq)
+            num_cached = len(prefix) * self.block_manager.block_size
+            if is_capped or not self._is_being_computed(seq, num_cached):
+                tokens += seq.num_tokens - num_cached
+        return tokens
 
     def _fair_prefill_tokens(self) -> int:
         """C: tokens whose forward costs a step's fixed cost (configured, else from the measured step times)."""
@@ -163,14 +176,6 @@ class Scheduler:
             return UNMEASURED_FAIR_PREFILL_TOKENS
         fixed, per_token = self.step_costs.coefficients()
         return max(1, round(fixed / per_token))
-
-    def _release_held(self) -> None:
-        """Queue the held samples whose first sample has computed the prompt (or is gone), ahead of later requests."""
-        ready = [(seq, first) for seq, first in self.held
-                 if first.num_computed_tokens >= first.num_prompt_tokens or first.is_finished]
-        for pair in reversed(ready):
-            self.held.remove(pair)
-            self.waiting.appendleft(pair[0])
 
     def _make_room(self, seq: Sequence, new_length: int, scheduled: list[ScheduledSeq]) -> bool:
         """Grow ``seq``'s blocks to ``new_length``, preempting the newest sequences not yet scheduled this step if
@@ -201,8 +206,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        else:
-            self.held = [(s, first) for s, first in self.held if s is not seq]
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
 
