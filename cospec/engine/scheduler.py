@@ -116,10 +116,10 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            prefix, is_capped = self._cached_prefix(seq)
-            num_cached = len(prefix) * self.block_manager.block_size
-            if not is_capped and self._is_being_computed(seq, num_cached):
+            prefix = self._start_on(seq)
+            if prefix is None:
                 continue
+            num_cached = len(prefix) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.can_allocate(prefix, num_cached + num_new):
                 break
@@ -138,33 +138,29 @@ class Scheduler:
             seq.stats.first_scheduled_time = time.perf_counter()
             seq.stats.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
 
-    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
-        """Cached blocks a waiting sequence can start on (never its last token, which must run to give logits), and
-        whether the proposer's ``max_reusable_prefix`` cut them short."""
+    def _start_on(self, seq: Sequence) -> list[int] | None:
+        """The cached blocks a waiting sequence would start on now (never covering its last token, which must run
+        to give logits), or None if it should wait: a running sequence is computing the next block it could reuse."""
+        block_size = self.block_manager.block_size
         prefix = self.block_manager.lookup(seq.token_ids, seq.num_tokens - 1)
         if prefix and self.max_reusable_prefix is not None:
-            reusable = self.max_reusable_prefix(len(prefix) * self.block_manager.block_size)
-            if reusable < len(prefix) * self.block_manager.block_size:
-                return prefix[: max(reusable, 0) // self.block_manager.block_size], True
-        return prefix, False
-
-    def _is_being_computed(self, seq: Sequence, num_cached: int) -> bool:
-        """Whether a running sequence is computing the block after ``seq``'s cached prefix (same tokens up to its
-        end), which ``seq`` could reuse once it is done."""
-        end = num_cached + self.block_manager.block_size
-        if not self.block_manager.enable_prefix_caching or end > seq.num_tokens - 1:
-            return False
-        prefix = seq.token_ids[:end]
-        return any(r.num_computed_tokens < end <= r.num_tokens and r.token_ids[:end] == prefix for r in self.running)
+            reusable = self.max_reusable_prefix(len(prefix) * block_size)
+            if reusable < len(prefix) * block_size:  # the proposer would not reuse more anyway: no point waiting
+                return prefix[: max(reusable, 0) // block_size]
+        end = (len(prefix) + 1) * block_size  # the next block
+        if self.block_manager.enable_prefix_caching and end <= seq.num_tokens - 1:
+            tokens = seq.token_ids[:end]
+            if any(r.num_computed_tokens < end <= r.num_tokens and r.token_ids[:end] == tokens for r in self.running):
+                return None
+        return prefix
 
     def _waiting_tokens(self) -> int:
         """Tokens that the waiting requests that may start this step have to prefill (after their cached prefix)."""
         tokens = 0
         for seq in list(self.waiting)[: max(self.config.max_num_seqs - len(self.running), 0)]:
-            prefix, is_capped = self._cached_prefix(seq)
-            num_cached = len(prefix) * self.block_manager.block_size
-            if is_capped or not self._is_being_computed(seq, num_cached):
-                tokens += seq.num_tokens - num_cached
+            prefix = self._start_on(seq)
+            if prefix is not None:
+                tokens += seq.num_tokens - len(prefix) * self.block_manager.block_size
         return tokens
 
     def _fair_prefill_tokens(self) -> int:
