@@ -97,11 +97,13 @@ def test_same_output_under_preemption(model, mode):
     assert any(out.stats.num_preemptions for out in cached.values())
 
 
+@pytest.mark.parametrize("mode", ["greedy", "seeded"])
 @pytest.mark.parametrize("method", ["prompt_lookup", "draft", "draft_is_target", "self_spec"])
-def test_same_output_with_speculation(model, method):
+def test_same_output_with_speculation(model, method, mode):
     """Rejected drafts never enter a shared block; a draft model's own cache is caught up from the start of every
     new sequence (rewriting its copy of shared blocks with the same values), so drafts stay as good as without
-    caching: with the target as its own draft every draft is still accepted."""
+    caching: with the target as its own draft every draft is still accepted (seeded drafts are coupled to the
+    target's sample by the same noise)."""
     draft = {"draft": tiny_model("llama", vocab_size=VOCAB, seed=1, num_hidden_layers=1),
              "draft_is_target": model}.get(method)
 
@@ -114,7 +116,7 @@ def test_same_output_with_speculation(model, method):
             speculative = SpeculativeConfig("draft", num_draft_tokens=4, draft_model=draft, adaptive=False)
         return LLMEngine(model, EngineConfig(block_size=4, enable_prefix_caching=caching), speculative=speculative)
 
-    cached, _ = assert_same_with_and_without_caching(make_engine)
+    cached, _ = assert_same_with_and_without_caching(make_engine, mode)
     if method != "prompt_lookup":
         assert sum(out.stats.num_drafted_tokens for out in cached.values()) > 0
     if method == "draft_is_target":
