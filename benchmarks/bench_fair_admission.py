@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--short-prompt", default="What is the capital of France?")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lead-steps", type=int, default=1, help="steps of the long prefill before the short request")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens)
     parser.add_argument("--out", default="bench_results/fair_admission")
     args = parser.parse_args(argv)
 
