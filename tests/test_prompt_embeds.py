@@ -165,3 +165,22 @@ def test_bad_prompt_embeds_are_refused(model):
                       fusion=FusionConfig([draft], FusionSpec.mixture([0.5, 0.5])))
     with pytest.raises(ValueError, match="fusion"):
         fused.add_request("x", [1, 2], params, prompt_embeds=torch.zeros(2, hidden))
+
+
+def test_prompts_given_as_embeddings_never_share_prefix_cache_blocks(model):
+    """Same token ids, different embeddings: with prefix caching on, each request still reads its own embeddings,
+    and a later request given the plain token ids does not reuse their blocks."""
+    prompt = random_prompt(40, VOCAB, seed=3)  # several full blocks
+    requests = [(prompt, _embeds(model, prompt, noise=0.7, seed=s)) for s in (1, 2)]
+    alone = [_run(model, [r], ids="both")[0].output_token_ids for r in requests]
+    plain = _run(model, [(prompt, None)], ids="only")[0].output_token_ids
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, block_size=8))
+    assert engine.block_manager.enable_prefix_caching
+    outputs = {}
+    for i, (ids, embeds) in enumerate(requests + [(prompt, None)]):  # one after another: caching would hit
+        engine.add_request(str(i), ids, SamplingParams(max_tokens=12, temperature=0), prompt_embeds=embeds)
+        while engine.has_unfinished_requests():
+            outputs.update({out.request_id: out for out in engine.step() if out.finished})
+    assert [outputs[str(i)].output_token_ids for i in range(3)] == alone + [plain]
+    assert len({tuple(o) for o in alone + [plain]}) == 3  # the embeddings matter: the test has power
+    assert outputs["2"].stats.num_cached_prompt_tokens == 0

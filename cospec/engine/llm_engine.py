@@ -59,7 +59,7 @@ class LLMEngine:
             kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
                                                draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
                                   packed_cpu_weights=config.packed_cpu_weights)
         # Fusion members: a runner (own paged KV pool) per model member; n-gram members need no cache.
@@ -88,8 +88,11 @@ class LLMEngine:
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,
                                                   padded_tokens=self.runner.row_plan.rows_for)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
+            # A proposer that cannot start on any cached prefix (it needs states of positions it has not seen)
+            # says how much of one it can reuse.
+            self.scheduler.max_reusable_prefix = getattr(self.proposer, "max_reusable_prefix", None)
         self._seq_ids = itertools.count()
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
 
     def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
         """The group's members as objects: HF models (loaded if given by name, vocabulary checked) or NgramLMs."""
@@ -142,8 +145,9 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
                     processor_prompt: list[int] | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
-        """Queue a request. Raises ValueError (naming the problem) for a request the engine cannot serve; the
-        engine and the other requests are unaffected.
+        """Queue a request (``params.n`` samples of the prompt, each output with its ``index``). Raises ValueError
+        (naming the problem) for a request the engine cannot serve; the engine and the other requests are
+        unaffected.
 
         ``processor_prompt``: the prompt as logits processors and stopping criteria see it, where it differs from
         what the model sees (``generate()``: HF's ``input_ids`` row, with its left padding and masked tokens).
@@ -190,10 +194,12 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
                 f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
-        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids, processor_prompt,
-                       prompt_embeds)
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        samples = [Sequence(next(self._seq_ids), request_id, prompt, params.for_sample(i), self.eos_token_ids,
+                            processor_prompt, prompt_embeds, index=i)
+                   for i in range(params.n)]
+        self._requests[request_id] = samples
+        for seq in samples:  # the first computes the prompt; the others wait for it and start on its cached blocks
+            self.scheduler.add(seq)
 
     def _check_prompt_embeds(self, prompt_embeds, prompt_token_ids) -> torch.Tensor:
         """``prompt_embeds`` on the model's device and dtype, or ValueError naming what is wrong with them."""
@@ -216,18 +222,18 @@ class LLMEngine:
         return prompt_embeds.detach().to(device=weight.device, dtype=weight.dtype)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks at once (unknown or finished ids are ignored)."""
-        seq = self._requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+        """Stop a request (all its samples) and free its KV blocks at once (unknown or finished ids are ignored)."""
+        for seq in self._requests.pop(request_id, ()):
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return self.scheduler.num_unfinished
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -246,16 +252,19 @@ class LLMEngine:
         logits = self.runner.forward(items)
         if self.members:
             logits = self._fuse(items, windows, drafts, logits)
+        num_tokens, seconds = sum(len(it.token_ids) for it in items), time.perf_counter() - start
+        self.scheduler.observe_step(num_tokens, seconds)
         if self.draft_policy is not None:
-            self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
+            self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
-        if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
-            for s in scheduled:
-                if not s.seq.is_finished:
+        for s in scheduled:
+            if not s.seq.is_finished:  # (finished ones offered theirs when released)
+                self.scheduler.cache_computed(s.seq)  # rejected drafts are truncated by now: accepted tokens only
+                if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                     self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
         return outputs
 
@@ -381,7 +390,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stats.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
-        self._requests.pop(seq.request_id, None)
+        if all(s.is_finished for s in self._requests.get(seq.request_id, ())):
+            self._requests.pop(seq.request_id, None)
         return seq.to_output()
 
 

@@ -24,11 +24,15 @@ class RequestStats:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    """When the request first ran (its first prefill chunk was scheduled)."""
     first_token_time: float | None = None
     finish_time: float | None = None
     num_steps: int = 0
     """Engine steps (target forwards) this request took part in."""
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request started (not computed)."""
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
     acceptance_histogram: list[int] = field(default_factory=list)
@@ -43,6 +47,10 @@ class RequestStats:
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_drafted_tokens if self.num_drafted_tokens else 0.0
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -69,6 +77,8 @@ class RequestOutput:
     (see ``error``), or None while running."""
     text: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    index: int = 0
+    """Sample index among the ``n`` samples of the request's prompt."""
     logprobs: list[TokenLogprob] | None = None
     """Per output token, when ``SamplingParams.logprobs`` is set."""
     scores: list[torch.Tensor] | None = None
@@ -84,9 +94,10 @@ class Sequence:
 
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: tuple[int, ...], processor_prompt: list[int] | None = None,
-                 prompt_embeds: torch.Tensor | None = None) -> None:
+                 prompt_embeds: torch.Tensor | None = None, index: int = 0) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
+        self.index = index  # sample index among the request's n samples
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.params = params
@@ -158,7 +169,7 @@ class Sequence:
         self.stats.num_output_tokens = self.num_output_tokens
         return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.is_finished,
                              self.finish_reason, stats=self.stats, logprobs=_copy(self.logprobs),
-                             scores=_copy(self.scores), logits=_copy(self.logits), error=self.error)
+                             scores=_copy(self.scores), logits=_copy(self.logits), error=self.error, index=self.index)
 
 
 def _copy(values: list | None) -> list | None:
