@@ -19,7 +19,8 @@ from torch import nn
 from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
-from cospec.engine.cpu_linear import RowPlan, cpu_linears, fast_cpu_linears, row_plan
+from cospec.engine.cpu_linear import cpu_linears
+from cospec.engine.cpu_threads import CpuLinears
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 
@@ -41,9 +42,13 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
-        self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
-        self.row_plan = row_plan(self._linears, packed_cpu_weights) if self._linears else RowPlan()
+        linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
+        self.cpu_linears = CpuLinears(linears, packed_cpu_weights) if linears else None
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def padded_rows(self, num_tokens: int) -> int:
+        """The rows a forward of ``num_tokens`` tokens runs on the CPU (the row plan pads some counts)."""
+        return self.cpu_linears.padded_rows(num_tokens) if self.cpu_linears else num_tokens
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def _metadata(self, items: list[ForwardItem]) -> tuple[StepInputs, attention.StepMetadata]:
@@ -101,7 +106,7 @@ class ModelRunner:
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.logit_rows
-        with self._cospec_mode(), attention.step_context(meta, self.pool):
+        with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool):
             out = self.model(input_ids=inputs.input_ids[None], position_ids=inputs.positions[None], **kwargs)
         logits = out.logits[0]
         if not self._has_logits_to_keep:
@@ -109,8 +114,9 @@ class ModelRunner:
         return logits[:, : self.vocab_size]
 
     @contextlib.contextmanager
-    def _cospec_mode(self):
-        """Switch the model to paged attention (and fast CPU linears) for one forward, then restore it."""
+    def _cospec_mode(self, num_tokens: int):
+        """Switch the model to paged attention (and, on the CPU, to the linear paths and thread count chosen for
+        ``num_tokens`` rows) for one forward, then restore it."""
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
@@ -118,7 +124,7 @@ class ModelRunner:
         if self.num_layers is not None:
             self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
-            with fast_cpu_linears(self._linears, self.row_plan):
+            with self.cpu_linears.forward(num_tokens) if self.cpu_linears else contextlib.nullcontext():
                 yield
         finally:
             config._attn_implementation = previous
