@@ -28,6 +28,7 @@ original forward is put back after each of cospec's forwards: the user's model o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import time
 import weakref
@@ -43,9 +44,10 @@ PATHS = ("linear", "mkl", "packed")
 MEASURED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Timed passes per (path, row count): the minimum says how fast a path can be, the median how fast it typically is.
 _REPEATS = 5
-# A (path, row count) with fewer timed passes (the time budget ran out) is not used: its spread is unknown.
+# A (path, row count) with fewer timed passes is not used: its spread is unknown.
 _MIN_SAMPLES = 3
-# The measurement stops after this many seconds (a busy machine); what is missing falls back to F.linear.
+# No repeat beyond the first _MIN_SAMPLES starts after this many seconds; the measurement gives up (a busy machine)
+# after twice as long, and what is missing falls back to F.linear.
 MEASURE_BUDGET_S = 5.0
 # Weights larger than this are left out of the measurement (the LM head): they take long and follow the same pattern.
 _MAX_MEASURED_WEIGHT = 1 << 22
@@ -204,7 +206,7 @@ def measured_weights(linears: list[nn.Linear]) -> list[torch.Tensor]:
 @dataclass(slots=True)
 class PlanMeasurement:
     """A measured plan and what it was chosen from: ``seconds[path, rows]`` lists one pass over all weights per
-    repeat; ``complete`` is False when the time budget ran out first."""
+    repeat; ``complete`` is False when the measurement gave up before every (path, row count) had ``_MIN_SAMPLES``."""
 
     plan: RowPlan
     seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
@@ -216,8 +218,8 @@ class PlanMeasurement:
 def measure_row_plan(weights: list[torch.Tensor], packed: bool = False, repeats: int = _REPEATS,
                      budget_s: float | None = None) -> PlanMeasurement:
     """Time ``F.linear``, ``W @ x.T`` and (if ``packed``) prepacked oneDNN over all ``weights`` at every row count
-    of ``MEASURED_ROWS``, ``repeats`` interleaved passes each, and choose a plan from the times
-    (``plan_from_seconds``). Stops after ``budget_s`` seconds (default ``MEASURE_BUDGET_S``)."""
+    of ``MEASURED_ROWS``, up to ``repeats`` interleaved passes each, and choose a plan from the times
+    (``plan_from_seconds``). Time budget: ``budget_s`` seconds (default ``MEASURE_BUDGET_S``)."""
     start = time.perf_counter()
     budget_s = MEASURE_BUDGET_S if budget_s is None else budget_s
     inputs = {(w.shape[1], w.dtype) for w in weights}
@@ -232,19 +234,21 @@ def measure_row_plan(weights: list[torch.Tensor], packed: bool = False, repeats:
     }
     paths = ["linear", "mkl"] + (["packed"] if packs else [])
     seconds: dict[tuple[str, int], list[float]] = {}
-    for repeat in range(repeats):
-        for rows in MEASURED_ROWS:
-            if time.perf_counter() - start > budget_s:
-                return PlanMeasurement(plan_from_seconds(seconds), seconds, False, time.perf_counter() - start)
-            xs = {key: torch.randn(rows, key[0], dtype=key[1]) for key in inputs}
-            order = paths[repeat % len(paths):] + paths[: repeat % len(paths)]  # no path always goes first
-            for path in order:
-                if path == "mkl" and rows == 1:
-                    continue  # MKL's single-column path: never chosen
-                begin = time.perf_counter()
-                passes[path](xs)
-                seconds.setdefault((path, rows), []).append(time.perf_counter() - begin)
-    return PlanMeasurement(plan_from_seconds(seconds), seconds, True, time.perf_counter() - start)
+    for repeat, rows in itertools.product(range(repeats), MEASURED_ROWS):
+        elapsed = time.perf_counter() - start
+        if elapsed > 2 * budget_s or (repeat >= _MIN_SAMPLES and elapsed > budget_s):
+            break
+        xs = {key: torch.randn(rows, key[0], dtype=key[1]) for key in inputs}
+        order = paths[repeat % len(paths):] + paths[: repeat % len(paths)]  # no path always goes first
+        for path in order:
+            if path == "mkl" and rows == 1:
+                continue  # MKL's single-column path: never chosen
+            begin = time.perf_counter()
+            passes[path](xs)
+            seconds.setdefault((path, rows), []).append(time.perf_counter() - begin)
+    complete = len(seconds) == len(MEASURED_ROWS) * len(paths) - 1 and all(
+        len(times) >= _MIN_SAMPLES for times in seconds.values())
+    return PlanMeasurement(plan_from_seconds(seconds), seconds, complete, time.perf_counter() - start)
 
 
 def plan_from_seconds(seconds: dict[tuple[str, int], list[float]], max_pad: int = 8) -> RowPlan:

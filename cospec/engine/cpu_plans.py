@@ -32,7 +32,7 @@ from cospec.engine.models import cache_dir
 logger = logging.getLogger("cospec.cpu_plans")
 
 # A measurement is stored only if its passes agree: the median over (path, row count) of median / minimum - 1.
-_MAX_STORED_SPREAD = 0.25
+_MAX_STORED_SPREAD = 0.1
 _FORMAT = 1
 
 def plans_dir() -> Path:

@@ -1,13 +1,14 @@
 """How cospec's CPU forwards run while other processes use the cores: the setting (threads and row plan) that is
 fastest now.
 
-torch runs each matrix product on all its OpenMP threads, which meet at a barrier when the product is done. When
-another process takes a core, one thread waits in the run queue while the other spins at the barrier on the core
-the first could have used, so every product waits for the scheduler. Measured on the shared 2-core machine we use
-(load average 8-12 from other processes; one pass over SmolLM2's 210 projections, 1 row, median): ``F.linear``
-121 ms on one thread, 4,073 ms on two; HF ``generate`` at batch 1 ran 0.4 tokens/s on two threads and 4.2 on one,
-cospec 0.4 on two threads and 5.0 on one thread with ``F.linear``. On one thread a process only shares a core: it
-slows down with the load instead of collapsing.
+torch runs each matrix product on all its OpenMP threads, which meet at a barrier when the product is done; GNU
+OpenMP's threads spin there before they sleep. When other processes take the cores, every product waits until the
+scheduler has run each of its threads, and the spinning spends the process's share of the cores. Measured on the
+shared 2-core machine we use (load average 8-12 from other processes; one pass over SmolLM2's 210 projections at
+1 row, median): ``F.linear`` 121 ms on one thread, 4,073 ms on two; with ``OMP_WAIT_POLICY=PASSIVE`` (no spinning,
+fixed when the process starts) two threads did as well as one. HF ``generate`` at batch 1 ran 0.2-0.4 tokens/s on
+two threads and 2.1-4.2 on one; cospec 0.4 on two threads and 4.2-5.0 on one thread with ``F.linear``. On one
+thread a process only shares a core: it slows down with the load instead of collapsing.
 
 So each model shape has, per process, a ``ThreadChoice`` among up to three settings: the row plan on torch's thread
 count (the fast path of a quiet machine), ``F.linear`` on torch's thread count (the model's own path) and
