@@ -59,9 +59,9 @@ class CompetingLoad:
 
     def __enter__(self) -> "CompetingLoad":
         if self.threads > 0:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.busy_load", "--threads", str(self.threads), "--size", str(self.size)],
-                cwd=REPO, stdout=subprocess.PIPE, text=True)
+            command = [sys.executable, "-m", "benchmarks.busy_load", "--threads", str(self.threads),
+                       "--size", str(self.size)]
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
             if self.process.stdout.readline().strip() != "ready":
                 raise RuntimeError("the competing load did not start")
         return self

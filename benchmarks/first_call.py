@@ -83,7 +83,9 @@ def child(args: argparse.Namespace) -> dict:
 
 def run_child(system: str, args: argparse.Namespace, cache: Path | None) -> dict:
     command = [sys.executable, "-m", "benchmarks.first_call", "--child", system, "--model", args.model,
-               "--max-new-tokens", str(args.max_new_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--max-new-tokens", str(args.max_new_tokens)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     if cache is not None:
         env["COSPEC_CACHE_DIR"] = str(cache)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    info = commands.add_parser("info", help="print versions, the device, the kernel backends and the stored CPU row plans")
+    info = commands.add_parser("info", help="print versions, the device, the kernel backends and stored CPU row plans")
     info.set_defaults(run=_info)
     return parser
 

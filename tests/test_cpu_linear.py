@@ -350,6 +350,7 @@ def test_thread_choice_settings_and_check_schedule():
     assert choice.settings == [Setting(2, plan), Setting(2, RowPlan()), Setting(1, RowPlan())]
     assert ThreadChoice({"threads": 1}, RowPlan()).settings == [Setting(1, RowPlan())]
     assert ThreadChoice(key, None).settings == [Setting(2, RowPlan()), Setting(1, RowPlan())]
+    assert ThreadChoice(key, uniform_plan("linear")).settings == [Setting(2, RowPlan()), Setting(1, RowPlan())]
 
     layers = cpu_linears(_two_layers())
     choice.setting_for(4, layers, layers)  # the first small forward is checked

@@ -57,7 +57,7 @@ _MEASURED_BYTES = 48 << 20
 # oneDNN's reordered layout is chosen for this many rows; it serves every row count.
 _PACK_ROWS_HINT = 16
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-PACKABLE_DTYPE_NAMES = ("float32", "bfloat16")
+PACKABLE_DTYPE_NAMES = tuple(str(dtype).removeprefix("torch.") for dtype in _PACKABLE_DTYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,11 @@ class RowPlan:
             raise ValueError(f"RowPlan: unknown path(s) {sorted(unknown)} (known: {', '.join(PATHS)})")
         if any(run < rows for rows, run in enumerate(self.padded)):
             raise ValueError("RowPlan: a row count is run on fewer rows than it has")
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether every row count runs through ``F.linear`` (as ``RowPlan()`` does)."""
+        return set(self.paths) <= {"linear"} and self.large_path == "linear"
 
     def path_for(self, rows: int) -> str:
         return self.paths[rows] if rows < len(self.paths) else self.large_path

@@ -35,6 +35,7 @@ logger = logging.getLogger("cospec.cpu_plans")
 _MAX_STORED_SPREAD = 0.1
 _FORMAT = 1
 
+
 def plans_dir() -> Path:
     return cache_dir() / "cpu_plans"
 

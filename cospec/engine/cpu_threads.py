@@ -56,7 +56,7 @@ class Setting:
     plan: RowPlan
 
     def describe(self) -> str:
-        return f"{'F.linear' if self.plan == RowPlan() else 'row plan'} on {self.threads} thread(s)"
+        return f"{'F.linear' if self.plan.is_plain else 'row plan'} on {self.threads} thread(s)"
 
 
 def better_setting(current: int, seconds: list[list[float]]) -> int:
@@ -83,7 +83,8 @@ class ThreadChoice:
         self._until_check = 0  # the first small forward is checked
 
     def _settings(self) -> list[Setting]:
-        candidates = ([Setting(self.max_threads, self.plan)] if self.plan is not None else []) + [
+        has_plan = self.plan is not None and not self.plan.is_plain
+        candidates = ([Setting(self.max_threads, self.plan)] if has_plan else []) + [
             Setting(self.max_threads, RowPlan()), Setting(1, RowPlan())]
         return list(dict.fromkeys(candidates))  # distinct, in order of preference
 
@@ -113,7 +114,8 @@ class ThreadChoice:
 
     def describe(self) -> str:
         """The current setting, and the last check's fastest passes."""
-        timed = ", ".join(f"{setting.describe()} {t * 1e3:.2f} ms" for setting, t in zip(self.settings, self.last_check))
+        timed = ", ".join(f"{setting.describe()} {seconds * 1e3:.2f} ms"
+                          for setting, seconds in zip(self.settings, self.last_check))
         return f"{self.setting.describe()} ({self.num_checks} checks; last: {timed or 'none'})"
 
     def count_forward(self, slow: bool = False) -> None:
