@@ -325,6 +325,7 @@ def test_a_corrupt_plan_file_is_measured_again(plan_cache, monkeypatch, content)
     if content is not None:
         assert load_plan(key) == choice.plan  # rewritten
     assert any("error" in entry for entry in stored_plans()) == (content is None)
+    assert not list(plans_dir().glob("*.tmp"))  # a file that could not be put in place is not left behind
 
 
 def test_an_unclean_measurement_is_used_but_not_stored(plan_cache, monkeypatch):

@@ -126,12 +126,16 @@ def store_plan(key: dict, measurement: PlanMeasurement) -> None:
                      "spread": round(spread(measurement), 4), "ms_min_median": timings},
     }
     directory = plans_dir()
+    temporary = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+            temporary = Path(f.name)
             json.dump(data, f, indent=1)
-        os.replace(f.name, directory / f"{plan_digest(key)}.json")
+        os.replace(temporary, directory / f"{plan_digest(key)}.json")
     except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         logger.warning("cospec: cannot store the CPU row plan in %s (%s)", directory, error)
 
 
