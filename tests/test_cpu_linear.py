@@ -388,6 +388,28 @@ def test_a_sudden_slowdown_calls_a_check(plan_cache):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("winner", [0, 1])
+def test_plan_is_measured_only_when_torchs_threads_are_unhindered(plan_cache, monkeypatch, winner):
+    counter = CountingMeasurement(monkeypatch)
+    monkeypatch.setattr(cpu_linear, "MEASURE_BUDGET_S", 0.5)
+    monkeypatch.setattr(cpu_threads, "better_setting", lambda current, seconds: winner)  # 1: one thread was faster
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _two_layers()
+        fast = CpuLinears(cpu_linears(model))
+        assert fast.choice.plan is None and [s.threads for s in fast.choice.settings] == [2, 1]
+        with fast.forward(4):
+            model(torch.randn(4, 64))
+    finally:
+        torch.set_num_threads(previous)
+    assert fast.choice.num_checks == 1
+    if winner == 0:  # two threads held: the plan is measured now, on them, and preferred
+        assert counter.calls == 1 and fast.choice.plan is not None and fast.choice.current == 0
+    else:
+        assert counter.calls == 0 and fast.choice.plan is None and fast.choice.setting == Setting(1, RowPlan())
+
+
 def test_forward_runs_at_the_chosen_threads_and_restores_torchs(plan_cache):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
