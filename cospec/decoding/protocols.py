@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from cospec.decoding.logits_processing import RowContext
+
 
 @dataclass(slots=True)
 class ForwardItem:
@@ -17,6 +19,17 @@ class ForwardItem:
     token_ids: list[int]
     start_pos: int
     num_logits: int
+    embeds: torch.Tensor | None = None
+    """``[m, hidden_size]``, m <= len(token_ids): the model's input for the first m tokens instead of their token
+    embeddings (a prompt given as embeddings, Hugging Face's ``inputs_embeds``)."""
+
+
+def embeds_rows(prompt_embeds: torch.Tensor | None, start: int, num_tokens: int) -> torch.Tensor | None:
+    """The rows of ``prompt_embeds`` (``[k, hidden_size]``, positions 0..k-1) among positions ``start..start +
+    num_tokens - 1``, for ``ForwardItem.embeds``; None if there are none."""
+    if prompt_embeds is None or start >= prompt_embeds.shape[0]:
+        return None
+    return prompt_embeds[start: start + num_tokens]
 
 
 class Runner(Protocol):
@@ -31,22 +44,27 @@ class Runner(Protocol):
 @dataclass(slots=True)
 class DraftRequest:
     """What a proposer gets for one sequence: all its tokens so far (the last one not yet in any cache) and how many
-    drafts to propose, with the sampling settings the drafts must follow."""
+    drafts to propose, with what a sampling draft must follow: the request's settings, its seed (None: greedy), the
+    output position of the first draft, whether drafts are coupled to the target's noise (see
+    ``cospec.decoding.verification``) and the logits-processing context of the first draft position."""
 
     seq_id: int
     token_ids: list[int]
     num_draft_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    generator: torch.Generator | None = None
+    params: object = None  # SamplingParams-like (temperature, top_k, top_p, min_p, processing fields)
+    seed: int | None = None
+    num_output_tokens: int = 0
+    coupled: bool = True
+    context: RowContext | None = None
+    prompt_embeds: torch.Tensor | None = None  # [k, hidden_size]: the first k positions' input, for a draft that
+    # shares the target's embeddings (self-speculation); None: the draft reads token_ids
 
 
 @dataclass(slots=True)
 class Draft:
     token_ids: list[int]
     probs: torch.Tensor | None = None  # [len(token_ids), vocab_size] the distribution each draft was sampled from
+    # (only for rejection sampling: requests that are not coupled)
 
 
 class Proposer(Protocol):

@@ -20,14 +20,14 @@ from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
-from cospec.decoding.verification import WindowParams, defer, verify
+from cospec.decoding.verification import Verified, Window, defer, verify
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
-from cospec.engine.sequence import RequestOutput, Sequence
+from cospec.engine.sequence import RequestOutput, Sequence, TokenLogprob
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -140,24 +140,46 @@ class LLMEngine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
+                    processor_prompt: list[int] | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
         """Queue a request. Raises ValueError (naming the problem) for a request the engine cannot serve; the
-        engine and the other requests are unaffected."""
+        engine and the other requests are unaffected.
+
+        ``processor_prompt``: the prompt as logits processors and stopping criteria see it, where it differs from
+        what the model sees (``generate()``: HF's ``input_ids`` row, with its left padding and masked tokens).
+        ``prompt_embeds`` ``[k, hidden_size]``: the model's input at the first k prompt positions instead of those
+        tokens' embeddings (HF's ``inputs_embeds``, a soft prompt). With ``prompt_token_ids=None`` the prompt is
+        these k embeddings alone: processors then see no prompt (as in HF) and ``prompt_token_ids`` of the output
+        holds placeholders (0)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_embeds is not None:
+            prompt_embeds = self._check_prompt_embeds(prompt_embeds, prompt_token_ids)
+        if prompt_token_ids is None:
+            if prompt_embeds is None:
+                raise ValueError("a request needs prompt_token_ids, prompt_embeds or both")
+            prompt_token_ids = [0] * prompt_embeds.shape[0]
+            processor_prompt = [] if processor_prompt is None else processor_prompt
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
+        if processor_prompt is not None:
+            processor_prompt = _check_token_ids(processor_prompt, self.vocab_size, allow_empty=True)
         if params.fusion is not None:
             if self.fusion is None:
                 raise ValueError("this request has a fusion spec, but the engine has no fusion group (fusion=...)")
             if params.fusion.num_members != self.fusion.spec.num_members:
                 raise ValueError(f"the request's fusion spec combines {params.fusion.num_members} models; the engine's "
                                  f"group has {self.fusion.spec.num_members}")
-        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stops:
-            raise ValueError(f"stop token id(s) {bad_stops} outside the vocabulary [0, {self.vocab_size})")
+        bad_ids = sorted({t for t in params.token_ids_used() if not 0 <= t < self.vocab_size})
+        if bad_ids:
+            raise ValueError(f"token id(s) {bad_ids} in the sampling parameters (stop tokens, biases or bad words) are "
+                             f"outside the vocabulary [0, {self.vocab_size})")
+        deferring = self.speculative is not None and self.speculative.deferral_threshold is not None
+        if deferring and (params.logprobs is not None or params.output_scores or params.stopping_criteria):
+            raise ValueError("logprobs, output_scores and stopping_criteria are not available with confidence "
+                             "deferral (deferred tokens are not scored by the target)")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -168,9 +190,30 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
                 f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
-        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids)
+        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids, processor_prompt,
+                       prompt_embeds)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
+
+    def _check_prompt_embeds(self, prompt_embeds, prompt_token_ids) -> torch.Tensor:
+        """``prompt_embeds`` on the model's device and dtype, or ValueError naming what is wrong with them."""
+        hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 2 \
+                or prompt_embeds.shape[1] != hidden_size or not prompt_embeds.is_floating_point():
+            shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds)
+            raise ValueError(f"prompt_embeds must be a float tensor [num_tokens, {hidden_size}] (the model's hidden "
+                             f"size), got {shape}")
+        num_rows = prompt_embeds.shape[0]
+        if num_rows == 0 or (prompt_token_ids is not None and num_rows > len(prompt_token_ids)):
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows; give 1 to len(prompt_token_ids) rows")
+        if self.fusion is not None:
+            raise ValueError("prompt_embeds cannot be used with fusion: the members cannot read the target's "
+                             "embeddings")
+        if prompt_token_ids is None and self.speculative is not None and self.speculative.method == "draft":
+            raise ValueError("a draft model cannot read a prompt given only as embeddings (give the prompt's token "
+                             "ids too, or use prompt lookup or self-speculation)")
+        weight = self.model.get_input_embeddings().weight
+        return prompt_embeds.detach().to(device=weight.device, dtype=weight.dtype)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at once (unknown or finished ids are ignored)."""
@@ -196,7 +239,8 @@ class LLMEngine:
         drafts = self._propose(windows)
         items = [ForwardItem(s.seq.seq_id,
                              s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens] + d.token_ids,
-                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0)
+                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0,
+                             s.seq.prompt_embeds_for(s.seq.num_computed_tokens, s.num_new_tokens))
                  for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
         start = time.perf_counter()
         logits = self.runner.forward(items)
@@ -204,11 +248,11 @@ class LLMEngine:
             logits = self._fuse(items, windows, drafts, logits)
         if self.draft_policy is not None:
             self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
-        emitted = self._verify([s.seq for s in windows], drafts, logits) if windows else []
+        verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
-        outputs = [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
+        outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
         if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
             for s in scheduled:
                 if not s.seq.is_finished:
@@ -232,8 +276,11 @@ class LLMEngine:
         if self.proposer is None or not any(s.num_draft_tokens for s in windows):
             return [Draft([]) for _ in windows]
         start = time.perf_counter()
-        requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params.temperature,
-                                 s.seq.params.top_k, s.seq.params.top_p, s.seq.params.min_p, s.seq.generator)
+        # Self-speculation's draft is the target's first layers: it reads prompts given as embeddings too.
+        reads_embeds = self.speculative.method == "self_spec"
+        requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params, s.seq.seed,
+                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context(),
+                                 s.seq.prompt_embeds if reads_embeds else None)
                     for s in windows]
         drafts = self.proposer.propose(requests)
         # A draft never runs past the request's token limit or the context.
@@ -266,25 +313,22 @@ class LLMEngine:
             return target_logits
         return fuse_logits_rows([target_logits] + member_logits, specs)
 
-    def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> list[list[int]]:
-        row = 0
-        for seq, d in zip(seqs, drafts):
-            for j in range(len(d.token_ids) + 1):  # min_tokens: no stop token before the minimum
-                if seq.num_output_tokens + j < seq.params.min_tokens and seq.stop_ids:
-                    logits[row + j, list(seq.stop_ids)] = float("-inf")
-            row += len(d.token_ids) + 1
-        params = [WindowParams(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.generator)
-                  for s in seqs]
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> Verified:
+        windows = [Window(d.token_ids, s.params, s.seed, s.num_output_tokens, d.probs, s.row_context())
+                   for s, d in zip(seqs, drafts)]
         if self.speculative is not None and self.speculative.deferral_threshold is not None:
-            return defer(logits, [d.token_ids for d in drafts], params, self.speculative.deferral_rollback)
-        return verify(logits, [d.token_ids for d in drafts], [d.probs for d in drafts], params)
+            return defer(logits, windows, self.speculative.deferral_rollback)
+        want_scores = any(s.logprobs is not None or s.scores is not None or s.params.stopping_criteria for s in seqs)
+        return verify(logits, windows, want_scores)
 
-    def _accept(self, seq: Sequence, draft: Draft, tokens: list[int]) -> RequestOutput:
+    def _accept(self, seq: Sequence, draft: Draft, verified: Verified, index: int,
+                logits: torch.Tensor) -> RequestOutput:
         """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
-        num_accepted = len(tokens) - 1
+        tokens = verified.tokens[index]
+        num_accepted = max(len(tokens) - 1, 0)
         seq.num_computed_tokens += num_accepted
         self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)  # also returns blocks of unused draft room
-        if draft.token_ids:
+        if draft.token_ids and tokens:
             stats = seq.stats
             stats.num_drafted_tokens += len(draft.token_ids)
             stats.num_accepted_tokens += num_accepted
@@ -295,33 +339,70 @@ class LLMEngine:
             self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
-        return self._append(seq, tokens)
+        if verified.errors[index] is not None:
+            seq.error = verified.errors[index]
+            return self._finish(seq, "error")
+        rows = range(verified.row_starts[index], verified.row_starts[index] + len(tokens))
+        scores = [verified.scores[r] for r in rows] if verified.scores is not None else None
+        if seq.logprobs is not None:
+            seq.logprobs += _logprobs(torch.stack(scores), tokens, seq.params.logprobs)
+        if seq.scores is not None:
+            seq.scores += [row.float() for row in scores]
+        if seq.logits is not None:
+            seq.logits += [logits[r].float() for r in rows]
+        return self._append(seq, tokens, scores)
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
-        """Append new tokens, cutting at a stop token, max_tokens or the context; finish the sequence if done."""
-        now = time.perf_counter()
+    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput:
+        """Append new tokens, cutting at a stop token, a stopping criterion, max_tokens or the context; finish the
+        sequence if done."""
         if seq.stats.first_token_time is None:
-            seq.stats.first_token_time = now
-        for token in tokens:
+            seq.stats.first_token_time = time.perf_counter()
+        for i, token in enumerate(tokens):
             seq.token_ids.append(token)
             if token in seq.stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
-                seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                seq.stats.finish_time = now
-                self.scheduler.finish(seq)
-                self._requests.pop(seq.request_id, None)
-                break
+                return self._finish(seq, "stop")
+            if seq.params.stopping_criteria and self._criteria_met(seq, None if scores is None else scores[i]):
+                return self._finish(seq, "stop")
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                return self._finish(seq, "length")
+        return seq.to_output()
+
+    @staticmethod
+    def _criteria_met(seq: Sequence, scores: torch.Tensor | None) -> bool:
+        input_ids = torch.tensor([seq.processor_token_ids()], dtype=torch.int64)
+        scores = None if scores is None else scores[None]
+        return any(bool(torch.as_tensor(criterion(input_ids, scores)).any()) for criterion in seq.params.stopping_criteria)
+
+    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        """End ``seq`` with ``reason``; per-token reports of tokens cut off after the end are dropped."""
+        for report in (seq.logprobs, seq.scores, seq.logits):
+            if report is not None and len(report) > seq.num_output_tokens:
+                del report[seq.num_output_tokens:]
+        seq.finish_reason = reason
+        seq.stats.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self._requests.pop(seq.request_id, None)
         return seq.to_output()
 
 
-def _check_token_ids(token_ids, vocab_size: int) -> list[int]:
+def _logprobs(scores: torch.Tensor, tokens: list[int], num_top: int) -> list[TokenLogprob]:
+    """``scores``: [len(tokens), vocab_size], the logits each token was chosen from."""
+    logprobs = torch.log_softmax(scores.double(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    if num_top:
+        top_values, top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)]
+
+
+def _check_token_ids(token_ids, vocab_size: int, allow_empty: bool = False) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.tolist()
     if isinstance(token_ids, str) or not hasattr(token_ids, "__len__"):
         raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
-    if len(token_ids) == 0:
+    if len(token_ids) == 0 and not allow_empty:
         raise ValueError("the prompt is empty: give at least one token")
     ids = []
     for t in token_ids:

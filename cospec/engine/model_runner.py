@@ -106,12 +106,27 @@ class ModelRunner:
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.logit_rows
+        if any(it.embeds is not None for it in items):
+            kwargs["inputs_embeds"] = self._embeds(items, inputs.input_ids)[None]
+        else:
+            kwargs["input_ids"] = inputs.input_ids[None]
         with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool):
-            out = self.model(input_ids=inputs.input_ids[None], position_ids=inputs.positions[None], **kwargs)
+            out = self.model(position_ids=inputs.positions[None], **kwargs)
         logits = out.logits[0]
         if not self._has_logits_to_keep:
             logits = logits[inputs.logit_rows]
         return logits[:, : self.vocab_size]
+
+    def _embeds(self, items: list[ForwardItem], input_ids: torch.Tensor) -> torch.Tensor:
+        """``[num_tokens, hidden_size]``: the token embeddings of the packed row, with the rows that items give as
+        embeddings (prompts given as embeddings) replaced."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        offset = 0
+        for it in items:
+            if it.embeds is not None:
+                embeds[offset: offset + it.embeds.shape[0]] = it.embeds
+            offset += len(it.token_ids)
+        return embeds
 
     @contextlib.contextmanager
     def _cospec_mode(self, num_tokens: int):
