@@ -22,9 +22,10 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + output; None takes the model's ``max_position_embeddings``."""
     fast_cpu_linear: bool = True
-    """On the CPU, run linear layers through the fastest of MKL's ``W @ x.T`` and oneDNN with prepacked weights for
-    each row count (measured once per process), instead of ``F.linear``: 1.5-3.5x faster for few rows here.
-    Numerically equivalent up to float rounding. See ``cospec.engine.cpu_linear``."""
+    """On the CPU, run linear layers through MKL's ``W @ x.T`` or oneDNN with prepacked weights where a row plan
+    (measured once per machine and model shape, kept on disk) found them faster than ``F.linear`` for the row count:
+    1.5-3.5x faster for few rows here; on one thread, with ``F.linear``, while other processes take the cores.
+    Numerically equivalent up to float rounding. See ``cospec.engine.cpu_linear``, ``cpu_plans``, ``cpu_threads``."""
     packed_cpu_weights: bool = True
     """With ``fast_cpu_linear``: allow oneDNN's prepacked copies of float32/bfloat16 weights where they are faster
     (3 or more rows here). They take as much memory again as the linear weights; False saves that memory."""

@@ -86,7 +86,7 @@ class LLMEngine:
                 self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
                                                    keep_unconfident=speculative.deferral_threshold is None)
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,
-                                                  padded_tokens=self.runner.row_plan.rows_for)
+                                                  padded_tokens=self.runner.padded_rows)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
             # A proposer that cannot start on any cached prefix (it needs states of positions it has not seen)
             # says how much of one it can reuse.

@@ -18,7 +18,8 @@ from torch import nn
 from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
-from cospec.engine.cpu_linear import RowPlan, cpu_linears, fast_cpu_linears, row_plan
+from cospec.engine.cpu_linear import cpu_linears
+from cospec.engine.cpu_threads import CpuLinears
 from cospec.engine.input_batch import InputBatch
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
@@ -41,10 +42,14 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
-        self._linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
-        self.row_plan = row_plan(self._linears, packed_cpu_weights) if self._linears else RowPlan()
+        linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
+        self.cpu_linears = CpuLinears(linears, packed_cpu_weights) if linears else None
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.input_batch = InputBatch(block_manager, self.device)
+
+    def padded_rows(self, num_tokens: int) -> int:
+        """The rows a forward of ``num_tokens`` tokens runs on the CPU (the row plan pads some counts)."""
+        return self.cpu_linears.padded_rows(num_tokens) if self.cpu_linears else num_tokens
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
@@ -65,7 +70,7 @@ class ModelRunner:
             kwargs["inputs_embeds"] = self._embeds(items, inputs.input_ids)[None]
         else:
             kwargs["input_ids"] = inputs.input_ids[None]
-        with self._cospec_mode(), attention.step_context(meta, self.pool):
+        with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool):
             out = self.model(position_ids=inputs.positions[None], **kwargs)
         logits = out.logits[0]
         if not self._has_logits_to_keep:
@@ -84,8 +89,9 @@ class ModelRunner:
         return embeds
 
     @contextlib.contextmanager
-    def _cospec_mode(self):
-        """Switch the model to paged attention (and fast CPU linears) for one forward, then restore it."""
+    def _cospec_mode(self, num_tokens: int):
+        """Switch the model to paged attention (and, on the CPU, to the linear paths and thread count chosen for
+        ``num_tokens`` rows) for one forward, then restore it."""
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
@@ -93,7 +99,7 @@ class ModelRunner:
         if self.num_layers is not None:
             self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
-            with fast_cpu_linears(self._linears, self.row_plan):
+            with self.cpu_linears.forward(num_tokens) if self.cpu_linears else contextlib.nullcontext():
                 yield
         finally:
             config._attn_implementation = previous
