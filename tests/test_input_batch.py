@@ -62,7 +62,8 @@ def _check_step(bm: BlockManager, batch: InputBatch, items: list[ForwardItem]) -
     # The reference's gather layout, from these tensors.
     layout = meta.layout
     for i, slots in enumerate(expected["kv_gather"]):
-        assert layout.kv_gather_index[i, : len(slots)].tolist() == slots
+        blocks = layout.block_gather_index[i].tolist()
+        assert [blocks[j // bm.block_size] * bm.block_size + j % bm.block_size for j in range(len(slots))] == slots
         assert layout.q_positions[i, : len(expected["q_positions"][i])].tolist() == expected["q_positions"][i]
     if layout.q_unpad_index is None:
         assert expected["padded_rows"] == list(range(len(expected["input_ids"])))
@@ -76,7 +77,7 @@ def _check_step(bm: BlockManager, batch: InputBatch, items: list[ForwardItem]) -
         assert torch.equal(getattr(inputs, name), getattr(fresh_inputs, name))
     for name in ("slot_mapping", "seq_lens", "query_start_loc"):
         assert torch.equal(getattr(meta, name), getattr(fresh, name))
-    assert torch.equal(layout.kv_gather_index, fresh.layout.kv_gather_index)
+    assert torch.equal(layout.block_gather_index, fresh.layout.block_gather_index)
 
 
 class InputBatchMachine(RuleBasedStateMachine):

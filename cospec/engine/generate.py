@@ -38,6 +38,9 @@ from cospec.engine.sequence import RequestOutput
 __all__ = ["UnsupportedArgumentError", "generate", "patch", "unpatch"]
 
 # Values that HF applies when neither the call nor the model's generation config sets them (transformers 5.x).
+# Most tokens in one forward of generate(): longer batches of prompts are prefilled in chunks of this many.
+_MAX_STEP_TOKENS = 16384
+
 _HF_DEFAULTS = {
     "max_length": 20, "min_length": 0, "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50,
     "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
@@ -158,9 +161,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         names=("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
 
     block_size = 16
+    # The whole batch's prompts in one forward, as HF runs them (nothing else waits for a first token here), and
+    # room for every row's verify window.
+    window = 1 + (speculative.num_draft_tokens if speculative is not None else 0)
+    step_tokens = min(max(512, sum(row.num_tokens for row in rows), len(rows) * window), _MAX_STEP_TOKENS)
     engine = LLMEngine(model, EngineConfig(
         block_size=block_size, num_kv_blocks=sum(-(-(row.num_tokens + max_new) // block_size) for row in rows),
-        max_num_seqs=len(rows), max_num_batched_tokens=max(512, len(rows)),
+        max_num_seqs=len(rows), max_num_batched_tokens=step_tokens,
         max_model_len=_context_len(model, max(row.num_tokens for row in rows) + max_new),
     ), speculative=speculative, fusion=fusion)
     row_params = [_penalty_like_hf(params, num_inputs - row.num_positions) for row in rows]
@@ -258,6 +265,8 @@ def _run(engine: LLMEngine, rows: list[PromptRow], params: list[SamplingParams],
     """Decode every row to the end; one output per row, in order. A row whose request failed raises."""
     for i, (row, row_params) in enumerate(zip(rows, params)):
         processor_prompt = None if row.processor_prompt == row.token_ids else row.processor_prompt  # the cheap path
+        if streamer is None:  # only finished rows are read: no output per row and step
+            row_params = dataclasses.replace(row_params, final_only=True)
         engine.add_request(str(i), row.token_ids, row_params, processor_prompt=processor_prompt,
                            prompt_embeds=row.embeds)
     done: dict[str, RequestOutput] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -60,7 +61,8 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
-        sampling_params = [params or SamplingParams() for params in sampling_params]
+        # Outputs are collected when requests finish: the engine need not build one per request and step.
+        sampling_params = [dataclasses.replace(params or SamplingParams(), final_only=True) for params in sampling_params]
         ids = [self.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
         request_ids = []
         for prompt_ids, params in zip(ids, sampling_params):

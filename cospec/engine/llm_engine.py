@@ -241,7 +241,8 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the requests that got new tokens (finished ones included)."""
+        """Run one scheduled forward; return the requests that got new tokens (finished ones included; requests
+        with ``final_only`` only when they finish)."""
         scheduled = self.scheduler.schedule(self._draft_lengths())
         if not scheduled:
             return []
@@ -269,6 +270,7 @@ class LLMEngine:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
+        outputs = [out for out in outputs if out is not None]
         for s in scheduled:
             if not s.seq.is_finished:  # (finished ones offered theirs when released)
                 self.scheduler.cache_computed(s.seq)  # rejected drafts are truncated by now: accepted tokens only
@@ -334,7 +336,7 @@ class LLMEngine:
         return verify(logits, windows, want_scores)
 
     def _accept(self, seq: Sequence, draft: Draft, verified: Verified, index: int,
-                logits: torch.Tensor) -> RequestOutput:
+                logits: torch.Tensor) -> RequestOutput | None:
         """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
         tokens = verified.tokens[index]
         num_accepted = max(len(tokens) - 1, 0)
@@ -364,7 +366,7 @@ class LLMEngine:
             seq.logits += [logits[r].float() for r in rows]
         return self._append(seq, tokens, scores)
 
-    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput | None:
         """Append new tokens, cutting at a stop token, a stopping criterion, max_tokens or the context; finish the
         sequence if done."""
         if seq.stats.first_token_time is None:
@@ -378,7 +380,7 @@ class LLMEngine:
                 return self._finish(seq, "stop")
             if len(token_ids) >= seq.max_num_tokens:  # max_tokens or the context
                 return self._finish(seq, "length")
-        return seq.to_output()
+        return None if seq.params.final_only else seq.to_output()
 
     @staticmethod
     def _criteria_met(seq: Sequence, scores: torch.Tensor | None) -> bool:

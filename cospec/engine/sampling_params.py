@@ -51,6 +51,9 @@ class SamplingParams:
     """Hugging Face-style criteria, called as ``criterion(input_ids [1, L], scores [1, vocab])`` after each output
     token; a true result ends the request (finish reason 'stop')."""
     # ---- what to report ----
+    final_only: bool = False
+    """``LLMEngine.step()`` returns this request's output only when it finishes, not at every step that gives it
+    tokens (offline batches: saves building an output per request and step)."""
     logprobs: int | None = None
     """Report each output token's log-probability and the ``logprobs`` most likely tokens' (None: none), from the
     distribution the token was chosen from (after processing; with temperature, top-k/p and min-p when sampling)."""
@@ -79,6 +82,8 @@ class SamplingParams:
                                       or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if not isinstance(self.final_only, bool):
+            raise ValueError(f"final_only must be a bool, got {self.final_only!r}")
         self._check_processing()
         if self.fusion is not None:
             from cospec.decoding.fusion import FusionSpec
