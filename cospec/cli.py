@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
-from importlib import metadata
 
 EXIT_USAGE = 2
 
@@ -189,47 +187,10 @@ def _stream(text: str, printed: str, finished: bool) -> str:
     return text
 
 
-# ---- info --------------------------------------------------------------------------------------------------
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, str]:
-    """Versions, the device and the kernel backends, as ``cospec info`` prints them (benchmarks record it too)."""
-    import torch
-
-    import cospec
-    from cospec.kernels import backend_name
-
-    return {
-        "cospec": cospec.__version__,
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "threads": str(torch.get_num_threads()),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
-        "kernels (cpu)": backend_name("cpu"),
-        "kernels (cuda)": backend_name("cuda"),
-    }
-
-
+# ---- info ----------------------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
+    from cospec.environment import environment
+
     rows = environment()
     width = max(map(len, rows))
     for name, value in rows.items():
