@@ -5,7 +5,7 @@ speculation.
         --max-tokens 64
     python -m benchmarks.bench_serve --url http://127.0.0.1:8000 --concurrency 4 --num-requests 16
 
-Without ``--url`` it starts ``python -m cospec.engine.server`` on a free loopback port, once plain and once with the
+Without ``--url`` it starts ``python -m cospec.serving`` on a free loopback port, once plain and once with the
 speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``; ``--no-baseline`` skips the plain one),
 one server at a time. Each run sends ``--num-requests`` chat requests, streaming, through the ``openai`` async client:
 arrivals are a Poisson process at each ``--rate`` (requests/s), or a closed loop of ``--concurrency`` clients.
@@ -109,7 +109,7 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m cospec.engine.server SERVER_ARGS`` on a free loopback port, its output in ``log_path`` (a
+    """``python -m cospec.serving SERVER_ARGS`` on a free loopback port, its output in ``log_path`` (a
     temporary file if None), ``HF_HUB_OFFLINE=1`` and ``env`` added to the environment. Shared with the server
     tests."""
 
@@ -119,7 +119,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (open(log_path, "w+") if log_path is not None else
                     tempfile.NamedTemporaryFile("w+", prefix="cospec-serve-", suffix=".log", delete=False))
-        command = [sys.executable, "-m", "cospec.engine.server", "--port", str(self.port), *server_args]
+        command = [sys.executable, "-m", "cospec.serving", "--port", str(self.port), *server_args]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
-    from cospec.engine.server import add_serve_arguments  # starlette/uvicorn load only in serve_main
+    from cospec.serving.main import add_serve_arguments  # starlette/uvicorn load only in serve_main
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
@@ -158,7 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cospec.engine.server import serve_main
+    from cospec.serving.main import serve_main
 
     _quiet_transformers()
     return serve_main(args)

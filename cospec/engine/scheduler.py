@@ -8,6 +8,7 @@ running sequence, which drops its cache and is recomputed later (its generated t
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.stats.first_scheduled_time is None:
+                seq.stats.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
             self.block_manager.grow(seq.seq_id, seq.num_computed_tokens + num_new)
             scheduled.append(ScheduledSeq(seq, num_new))

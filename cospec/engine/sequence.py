@@ -22,6 +22,8 @@ class RequestStats:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    """When the scheduler first gave the request a slot (its queue time ends there)."""
     first_token_time: float | None = None
     finish_time: float | None = None
     num_steps: int = 0
@@ -46,6 +48,10 @@ class RequestStats:
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -57,6 +63,8 @@ class RequestOutput:
     """'stop' (eos or a stop token), 'length' (max_tokens or the context), 'abort', or None while running."""
     text: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    index: int = 0
+    """Which of the request's samples this is (SamplingParams.n > 1)."""
 
 
 class Sequence:
