@@ -138,11 +138,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"the server did not come up; its log ({self.log.name}):\n{Path(self.log.name).read_text()}")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM, and SIGKILL if it has not exited after ``timeout_s``."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

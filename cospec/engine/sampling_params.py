@@ -22,6 +22,8 @@ class SamplingParams:
     ignore_eos: bool = False
     fusion: object = None
     """A ``FusionSpec`` for this request in an engine with a fusion group (None: the group's default spec)."""
+    n: int = 1
+    """Samples of the prompt; each one's outputs carry its ``RequestOutput.index``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -39,6 +41,8 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.fusion is not None:
             from cospec.decoding.fusion import FusionSpec

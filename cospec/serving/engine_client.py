@@ -53,12 +53,17 @@ class RequestStream:
     """The outputs of one submitted request, as the engine side delivers them (on the event loop): lists of
     ``RequestOutput`` snapshots (each holds all of its choice's tokens so far), or an exception that ends it."""
 
-    def __init__(self, request_id: str, on_close=None) -> None:
-        self.request_id = request_id
+    def __init__(self, request_id: str, num_choices: int = 1, on_close=None) -> None:
+        self.request_id, self.num_choices = request_id, num_choices
         self.replica: str | None = None  # where it runs, when there are several engines
         self._items: asyncio.Queue = asyncio.Queue()
+        self._finished: set[int] = set()  # choices whose last output was delivered
         self._on_close = on_close
         self.is_closed = False
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self._finished) == self.num_choices
 
     def put(self, item: list[RequestOutput] | BaseException) -> None:
         self._items.put_nowait(item)
@@ -71,6 +76,7 @@ class RequestStream:
             if isinstance(item, BaseException):
                 raise item
             newest.update((out.index, out) for out in item)
+            self._finished.update(out.index for out in item if out.finished)
             if self._items.empty():
                 return newest
             item = self._items.get_nowait()
@@ -227,7 +233,7 @@ class LocalEngineClient:
         """Queue a request; raises the engine's exception (ValueError naming the problem) if it refuses it."""
         if not self.is_alive:
             raise EngineFailed("the engine is down")
-        stream = RequestStream(request_id, on_close=lambda: self.loop.abort(request_id))
+        stream = RequestStream(request_id, params.n, on_close=lambda: self.loop.abort(request_id))
         admitted = asyncio.get_running_loop().create_future()
         self.loop.add(_Submission(request_id, prompt_token_ids, params, stream, admitted))
         try:
