@@ -187,3 +187,14 @@ def test_tokenizing_does_not_block_the_event_loop(served, monkeypatch):
         release.set()
         thread.join(60)
     assert result["response"].status_code == 200
+
+
+def test_replicas_without_ray_serve_say_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from cospec.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "cospec.serving.replicas", raising=False)
+    assert main(["serve", "--replicas", "2", "--model", "unused"]) == 2
+    assert "pip install 'cospec[serve]'" in capsys.readouterr().err
