@@ -135,3 +135,16 @@ def test_killing_a_replica_fails_only_its_requests(deployment, model_dir):
         except openai.APIError:
             successes = 0
             time.sleep(1)
+
+
+def test_app_builder_takes_the_flags_of_cospec_serve(model_dir):
+    """What ``serve run cospec.serving.replicas:app_builder key=value ...`` deploys on a cluster."""
+    from cospec.serving.replicas import app_builder
+
+    ingress = app_builder({"model": str(model_dir), "replicas": "3", "max-num-seqs": 8, "prompt_lookup": 3,
+                           "threads": 2})._bound_deployment
+    engines = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, engines.name, engines.num_replicas) == ("OpenAIIngress", "EngineReplica", 3)
+    assert engines.max_ongoing_requests == 8 and engines.ray_actor_options["num_cpus"] == 2
+    args = engines.init_args[0]
+    assert (args.model, args.prompt_lookup, args.max_num_seqs) == (str(model_dir), 3, 8)
