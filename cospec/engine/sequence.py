@@ -29,6 +29,8 @@ class RequestStats:
     num_steps: int = 0
     """Engine steps (target forwards) this request took part in."""
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request started (not computed)."""
     num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
     acceptance_histogram: list[int] = field(default_factory=list)

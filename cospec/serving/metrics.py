@@ -42,6 +42,10 @@ class ServerMetrics:
                                 ["reason"], registry=registry)
         self.prompt_tokens = Counter("cospec_prompt_tokens", "Prompt tokens admitted", registry=registry)
         self.generation_tokens = Counter("cospec_generation_tokens", "Tokens generated", registry=registry)
+        self.prefix_cache_queries = Counter("cospec_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache", registry=registry)
+        self.prefix_cache_hits = Counter("cospec_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                         registry=registry)
         self.drafted_tokens = Counter("cospec_spec_draft_tokens", "Draft tokens proposed", registry=registry)
         self.accepted_tokens = Counter("cospec_spec_accepted_tokens", "Draft tokens accepted", registry=registry)
         self.accepted_per_position = Counter(
@@ -89,6 +93,8 @@ class RequestMetrics:
                 m.queue_time.observe(stats.queue_time)
         if seen.first_token_time is None and out.output_token_ids:
             seen.first_token_time = now
+            m.prefix_cache_queries.inc(stats.num_prompt_tokens)
+            m.prefix_cache_hits.inc(stats.num_cached_prompt_tokens)
         m.generation_tokens.inc(len(out.output_token_ids) - seen.num_tokens)
         m.drafted_tokens.inc(stats.num_drafted_tokens - seen.num_drafted)
         m.accepted_tokens.inc(stats.num_accepted_tokens - seen.num_accepted)
