@@ -350,9 +350,8 @@ class Server:
 
     def _logprobs(self, response: _Response, choice: _Choice, tokens: range):
         if response.job.kind == "chat":
-            return chat_logprobs(self.tokenizer, choice.text, choice.output.logprobs, tokens)
-        return completion_logprobs(self.tokenizer, choice.text, choice.output.logprobs, tokens,
-                                   response.job.num_logprobs)
+            return chat_logprobs(choice.text, choice.output.logprobs, tokens)
+        return completion_logprobs(choice.text, choice.output.logprobs, tokens, response.job.num_logprobs)
 
     async def _final(self, response: _Response) -> bool:
         """Run the request to its end (for a non-streamed answer)."""

@@ -48,14 +48,17 @@ class ChoiceText:
         return piece
 
     # ---- per-token texts, for logprobs ----
+    def token_text(self, position: int, token_id: int) -> str:
+        """The text ``token_id`` adds at output ``position``, decoded in its left context (special tokens shown)."""
+        left = self.token_ids[max(0, position - TOKEN_TEXT_WINDOW): position]
+        before = self.tokenizer.decode(left)
+        both = self.tokenizer.decode(left + [token_id])
+        return both[len(before):] if both.startswith(before) else self.tokenizer.decode([token_id])
+
     def token_texts(self) -> list[str]:
-        """The text of each output token so far, decoded in its left context (special tokens shown)."""
-        ids = self.token_ids
-        for i in range(len(self._token_texts), len(ids)):
-            left = ids[max(0, i - TOKEN_TEXT_WINDOW): i]
-            before = self.tokenizer.decode(left)
-            both = self.tokenizer.decode(left + [ids[i]])
-            self._token_texts.append(both[len(before):] if both.startswith(before) else self.tokenizer.decode([ids[i]]))
+        """The text of each output token so far."""
+        for i in range(len(self._token_texts), len(self.token_ids)):
+            self._token_texts.append(self.token_text(i, self.token_ids[i]))
         return self._token_texts
 
     def tokens_to_report(self, finished: bool) -> range:
@@ -75,8 +78,9 @@ class ChoiceText:
         return reported
 
 
-def chat_logprobs(tokenizer, choice: ChoiceText, logprobs: list, tokens: range) -> ChatCompletionLogProbs:
-    """``logprobs`` holds one ``TokenLogprobs(token_id, logprob, top)`` per output token."""
+def chat_logprobs(choice: ChoiceText, logprobs: list, tokens: range) -> ChatCompletionLogProbs:
+    """``logprobs`` holds one ``TokenLogprob(token_id, logprob, top)`` per output token; alternatives are decoded in
+    the same context as the token."""
     texts = choice.token_texts()
 
     def entry(text: str, logprob: float) -> ChatCompletionLogProb:
@@ -87,12 +91,11 @@ def chat_logprobs(tokenizer, choice: ChoiceText, logprobs: list, tokens: range) 
         token = logprobs[i]
         content.append(ChatCompletionLogProbsContent(
             **entry(texts[i], token.logprob).model_dump(),
-            top_logprobs=[entry(tokenizer.decode([token_id]), lp) for token_id, lp in token.top]))
+            top_logprobs=[entry(choice.token_text(i, token_id), lp) for token_id, lp in token.top]))
     return ChatCompletionLogProbs(content=content)
 
 
-def completion_logprobs(tokenizer, choice: ChoiceText, logprobs: list, tokens: range,
-                        num_top: int) -> CompletionLogProbs:
+def completion_logprobs(choice: ChoiceText, logprobs: list, tokens: range, num_top: int) -> CompletionLogProbs:
     """The legacy shape; ``text_offset`` counts characters of the completion text."""
     texts = choice.token_texts()
     text_offset = sum(len(t) for t in texts[: tokens.start])
@@ -104,7 +107,7 @@ def completion_logprobs(tokenizer, choice: ChoiceText, logprobs: list, tokens: r
         result.text_offset.append(text_offset)
         text_offset += len(texts[i])
         if num_top:  # the most likely tokens, and the sampled one (up to num_top + 1 entries, as OpenAI)
-            top = {tokenizer.decode([token_id]): lp for token_id, lp in token.top}
+            top = {choice.token_text(i, token_id): lp for token_id, lp in token.top}
             top.setdefault(texts[i], token.logprob)
             result.top_logprobs.append(top)
     return result
