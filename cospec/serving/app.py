@@ -330,6 +330,9 @@ class Server:
             choice = response.choices[index]
             if choice.finish_reason is not None:
                 continue
+            if out.finish_reason == "error":  # e.g. the model gave NaN logits for this request: fail it, loudly
+                raise ApiError(f"the engine failed on this request: {out.error}", status=500, type="server_error",
+                               code="engine_error")
             response.metrics.update(out)
             choice.output = out
             text = choice.text
