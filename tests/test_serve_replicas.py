@@ -148,3 +148,28 @@ def test_app_builder_takes_the_flags_of_cospec_serve(model_dir):
     assert engines.max_ongoing_requests == 8 and engines.ray_actor_options["num_cpus"] == 2
     args = engines.init_args[0]
     assert (args.model, args.prompt_lookup, args.max_num_seqs) == (str(model_dir), 3, 8)
+
+
+def test_prefix_affinity_ranking_is_stable_and_moves_only_a_lost_replicas_keys():
+    from types import SimpleNamespace
+
+    from cospec.serving.replicas import PrefixAffinityRouter
+
+    def replica(name: str):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name))
+
+    def preferred(replicas, key):
+        pending = SimpleNamespace(kwargs={"affinity_key": key})
+        ranks = asyncio.run(PrefixAffinityRouter.choose_replicas(None, replicas, pending))
+        assert sorted(r[0].replica_id.unique_id for r in ranks) == sorted(r.replica_id.unique_id for r in replicas)
+        return ranks[0][0].replica_id.unique_id
+
+    four = [replica(name) for name in "abcd"]
+    keys = [f"user:{i}" for i in range(200)]
+    before = {key: preferred(four, key) for key in keys}
+    assert before == {key: preferred(list(reversed(four)), key) for key in keys}  # order of candidates is irrelevant
+    assert set(before.values()) == set("abcd")  # keys spread over every replica
+    after = {key: preferred(four[:3], key) for key in keys}  # replica d is gone
+    assert all(after[key] == before[key] for key in keys if before[key] != "d")
+    no_key = asyncio.run(PrefixAffinityRouter.choose_replicas(None, four, SimpleNamespace(kwargs={})))
+    assert no_key == [four]  # no preference: the least loaded of all
