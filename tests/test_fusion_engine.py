@@ -74,7 +74,8 @@ def test_greedy_fused_speculation_equals_greedy_fused_decoding(models, k):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_sampled_fused_speculation_preserves_the_fused_distribution():
+@pytest.mark.parametrize("seeded", [True, False], ids=["coupled", "rejection"])
+def test_sampled_fused_speculation_preserves_the_fused_distribution(seeded):
     """10^4 samples of (t2, t3) from fused speculative decoding against the exact fused law (chi-square)."""
     target = _sharpened(_tiny_llama(vocab=SMALL_VOCAB), 4.0)
     small = _sharpened(_tiny_llama(layers=1, seed=1, vocab=SMALL_VOCAB), 4.0)
@@ -85,8 +86,9 @@ def test_sampled_fused_speculation_preserves_the_fused_distribution():
                                             num_kv_blocks=2 * num_samples),
                        fusion=FusionConfig([small], spec),
                        speculative=SpeculativeConfig("draft", num_draft_tokens=2, draft_model=small, adaptive=False))
-    outs = _run(engine, [prompt] * num_samples,
-                [SamplingParams(max_tokens=3, temperature=1.0, seed=i, ignore_eos=True) for i in range(num_samples)])
+    torch.manual_seed(0)  # unseeded requests draw their seeds from torch's generator
+    outs = _run(engine, [prompt] * num_samples, [SamplingParams(max_tokens=3, temperature=1.0, seed=i if seeded else None,
+                                                                ignore_eos=True) for i in range(num_samples)])
     assert sum(o.stats.num_drafted_tokens for o in outs) > 0.5 * num_samples
 
     def fused_probs(contexts):

@@ -108,14 +108,14 @@ def test_patch_routes_generate_through_cospec_and_unpatch_restores(llama, batch)
         cospec.patch(llama)  # idempotent
         assert torch.equal(llama.generate(input_ids, **kwargs), expected)
         assert torch.equal(llama.generate(input_ids=input_ids, **kwargs), expected)
-        # It really is cospec underneath: HF would accept a repetition penalty, cospec refuses it.
-        with pytest.raises(cospec.UnsupportedArgumentError, match="repetition_penalty"):
-            llama.generate(input_ids, repetition_penalty=1.3, **kwargs)
+        # It really is cospec underneath: HF would run beam search, cospec refuses it.
+        with pytest.raises(cospec.UnsupportedArgumentError, match="num_beams"):
+            llama.generate(input_ids, num_beams=2, **kwargs)
     finally:
         cospec.unpatch(llama)
     cospec.unpatch(llama)  # idempotent
-    penalized = llama.generate(input_ids, repetition_penalty=1.3, **kwargs)  # HF again
-    assert penalized.shape == expected.shape
+    beams = llama.generate(input_ids, num_beams=2, **kwargs)  # HF again
+    assert beams.shape == expected.shape
     assert torch.equal(llama.generate(input_ids, **kwargs), expected)
 
 
@@ -188,7 +188,7 @@ def test_sampling_follows_torch_manual_seed(llama, batch):
     assert first.shape == (4, input_ids.shape[1] + 10)
 
 
-@pytest.mark.parametrize("argument, value", [("foo", 1), ("num_beams", 2), ("repetition_penalty", 1.3),
+@pytest.mark.parametrize("argument, value", [("foo", 1), ("num_beams", 2), ("typical_p", 0.5),
                                              ("output_scores", True)])
 def test_unsupported_arguments_raise_naming_them(llama, batch, argument, value):
     input_ids, attention_mask = batch

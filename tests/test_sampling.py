@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from cospec import LLM, EngineConfig, LLMEngine, SamplingParams
-from cospec.decoding.sampling import exponential_noise, process_probs, sample_from_probs
+from cospec.decoding.sampling import STREAM_TARGET, exponential_noise, noise_keys, process_probs, sample_from_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,10 +96,13 @@ def test_process_probs_matches_hf_warpers_property(seed, vocab_size, temperature
 
 def test_exponential_race_is_exact_on_a_point_mass_and_respects_zeros():
     probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]], dtype=torch.float64)
-    generators = [torch.Generator().manual_seed(s) for s in range(2)]
-    for _ in range(50):
-        tokens = sample_from_probs(probs, exponential_noise(3, generators, torch.float64, probs.device))
+    seen = set()
+    for position in range(50):
+        keys = noise_keys(torch.tensor([0, 1]), torch.tensor([position, position]), STREAM_TARGET)
+        tokens = sample_from_probs(probs, exponential_noise(keys, 3, torch.float64))
         assert tokens[0] == 1 and tokens[1] in (0, 2)
+        seen.add(int(tokens[1]))
+    assert seen == {0, 2}
 
 
 # ---- seeded -------------------------------------------------------------------------------------------------

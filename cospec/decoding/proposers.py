@@ -13,7 +13,7 @@ import torch
 
 from cospec.decoding.prompt_lookup import PromptLookupProposer
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner
-from cospec.decoding.sampling import exponential_noise, process_probs_for, sample_from_probs
+from cospec.decoding.sampling import sample_draft_tokens
 
 __all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
 
@@ -58,7 +58,7 @@ class ModelDraftProposer:
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        drafts = [Draft([], [] if r.generator is not None else None) for r in requests]
+        drafts = [Draft([], [] if r.seed is not None and not r.coupled else None) for r in requests]
         active = [i for i, r in enumerate(requests) if r.num_draft_tokens > 0]
         # First pass: feed everything the draft has not seen (at least the last token); then one token per pass.
         feeds = {}
@@ -69,7 +69,8 @@ class ModelDraftProposer:
         while active:
             items = [ForwardItem(requests[i].seq_id, feeds[i][0], feeds[i][1], 1) for i in active]
             logits = self.runner.forward(items)  # [len(active), vocab]
-            tokens, probs = self._sample(logits, [requests[i] for i in active])
+            tokens, probs = sample_draft_tokens(logits, [requests[i] for i in active],
+                                                [drafts[i].token_ids for i in active])
             confident = ((torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= self.min_confidence).tolist()
                          if self.min_confidence > 0 else [True] * len(active))
             still = []
@@ -79,7 +80,7 @@ class ModelDraftProposer:
                 if not confident[row] and not self.keep_unconfident:
                     continue
                 drafts[i].token_ids.append(tokens[row])
-                if probs is not None and r.generator is not None:
+                if drafts[i].probs is not None:
                     drafts[i].probs.append(probs[row])
                 if len(drafts[i].token_ids) < r.num_draft_tokens and confident[row]:
                     feeds[i] = ([tokens[row]], start + len(fed))
@@ -89,17 +90,3 @@ class ModelDraftProposer:
             if isinstance(d.probs, list):
                 d.probs = torch.stack(d.probs) if d.probs else None
         return drafts
-
-    def _sample(self, logits: torch.Tensor, requests: list[DraftRequest]) -> tuple[list[int], torch.Tensor | None]:
-        tokens = logits.argmax(dim=-1)
-        sampled = [j for j, r in enumerate(requests) if r.generator is not None]
-        if not sampled:
-            return tokens.tolist(), None
-        rows = torch.tensor(sampled, device=logits.device)
-        sub = [requests[j] for j in sampled]
-        q = process_probs_for(logits[rows], sub)
-        noise = exponential_noise(logits.shape[-1], [r.generator for r in sub], q.dtype, logits.device)
-        tokens[rows] = sample_from_probs(q, noise)
-        probs = torch.zeros(len(requests), logits.shape[-1], dtype=q.dtype, device=logits.device)
-        probs[rows] = q
-        return tokens.tolist(), probs

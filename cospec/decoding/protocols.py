@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from cospec.decoding.logits_processing import RowContext
+
 
 @dataclass(slots=True)
 class ForwardItem:
@@ -31,22 +33,25 @@ class Runner(Protocol):
 @dataclass(slots=True)
 class DraftRequest:
     """What a proposer gets for one sequence: all its tokens so far (the last one not yet in any cache) and how many
-    drafts to propose, with the sampling settings the drafts must follow."""
+    drafts to propose, with what a sampling draft must follow: the request's settings, its seed (None: greedy), the
+    output position of the first draft, whether drafts are coupled to the target's noise (see
+    ``cospec.decoding.verification``) and the logits-processing context of the first draft position."""
 
     seq_id: int
     token_ids: list[int]
     num_draft_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    generator: torch.Generator | None = None
+    params: object = None  # SamplingParams-like (temperature, top_k, top_p, min_p, processing fields)
+    seed: int | None = None
+    num_output_tokens: int = 0
+    coupled: bool = True
+    context: RowContext | None = None
 
 
 @dataclass(slots=True)
 class Draft:
     token_ids: list[int]
     probs: torch.Tensor | None = None  # [len(token_ids), vocab_size] the distribution each draft was sampled from
+    # (only for rejection sampling: requests that are not coupled)
 
 
 class Proposer(Protocol):

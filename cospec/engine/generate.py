@@ -10,6 +10,7 @@ naming it; nothing is silently ignored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -38,7 +39,8 @@ _SUPPORTED = {
     "cache_implementation", "decoder_start_token_id", "is_assistant", "disable_compile", "compile_config",
     "early_stopping", "length_penalty", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
     "assistant_lookbehind", "target_lookbehind", "num_assistant_tokens", "prompt_lookup_num_tokens",
-    "max_matching_ngram_size", "assistant_early_exit",
+    "max_matching_ngram_size", "assistant_early_exit", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+    "sequence_bias",
     "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
 }
 
@@ -60,7 +62,8 @@ def _check_supported(config) -> None:
             raise UnsupportedArgumentError(
                 f"generate() argument {name}={value!r} is not supported by cospec "
                 f"(supported: max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, min_p, "
-                f"eos_token_id, pad_token_id, streamer, return_dict_in_generate, assistant_model, "
+                f"eos_token_id, pad_token_id, repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias, "
+                f"logits_processor, stopping_criteria, streamer, return_dict_in_generate, assistant_model, "
                 f"prompt_lookup_num_tokens, assistant_early_exit, num_assistant_tokens)")
 
 
@@ -81,7 +84,8 @@ def _prompts_from_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             generation_config=None, streamer=None, assistant_model: nn.Module | None = None, fusion=None, **kwargs):
+             generation_config=None, streamer=None, assistant_model: nn.Module | None = None, fusion=None,
+             logits_processor=None, stopping_criteria=None, **kwargs):
     """Hugging Face ``model.generate`` semantics on cospec's engine (greedy and sampling, batch >= 1).
 
     Speculative decoding takes HF's names, at any batch size: ``assistant_model=`` (a draft model),
@@ -89,6 +93,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     (self-speculation from the first L layers); ``num_assistant_tokens`` caps the draft length (default 8; cospec
     adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused distribution of the
     model and its members (speculation then verifies against the fused distribution).
+
+    Sampling: each row's random numbers are keyed by a seed drawn from torch's global generator and the output
+    position, so ``torch.manual_seed(s)`` reproduces a call, with or without an assistant (same tokens).
     """
     if input_ids is None:
         input_ids = kwargs.pop("inputs", None)
@@ -122,6 +129,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         max_tokens=max_new, min_tokens=min(min_new, max_new), temperature=0.0 if greedy else float(_resolve(config, "temperature")),
         top_k=0 if greedy else int(_resolve(config, "top_k") or 0), top_p=1.0 if greedy else float(_resolve(config, "top_p")),
         min_p=0.0 if greedy else float(config.min_p or 0.0), stop_token_ids=eos_ids, ignore_eos=True,
+        repetition_penalty=float(_resolve(config, "repetition_penalty")),
+        no_repeat_ngram_size=int(_resolve(config, "no_repeat_ngram_size") or 0),
+        # As HF: a bad word that is only an eos token is not banned.
+        bad_words_ids=[list(w) for w in config.bad_words_ids if list(w) not in [[e] for e in eos_ids]] or None
+        if config.bad_words_ids else None,
+        sequence_bias=_sequence_bias(config.sequence_bias),
+        logits_processors=list(logits_processor) if logits_processor else None,
+        stopping_criteria=list(stopping_criteria) if stopping_criteria else None,
     )
     speculative = choose_speculation(
         config.prompt_lookup_num_tokens or config.num_assistant_tokens or 8, draft=assistant_model,
@@ -138,7 +153,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         max_num_seqs=len(prompts), max_num_batched_tokens=max(512, len(prompts)), max_model_len=_context_len(model, longest),
     ), speculative=speculative, fusion=fusion)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+        row_params = params if greedy else dataclasses.replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
+        # HF's processors see each row with its left padding; the model does not.
+        engine.add_request(str(i), prompt, row_params, context_prefix=input_ids[i, : input_len - len(prompt)].tolist())
     if streamer is not None:
         streamer.put(input_ids.cpu())
     outputs: dict[str, list[int]] = {}
@@ -162,6 +179,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
 
         return GenerateDecoderOnlyOutput(sequences=sequences)
     return sequences
+
+
+def _sequence_bias(bias) -> dict | None:
+    """HF's ``sequence_bias`` (a dict of token tuples, or a list of [token list, bias] pairs) as a dict."""
+    if not bias:
+        return None
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    return {tuple(sequence): float(value) for sequence, value in pairs}
 
 
 def _context_len(model: nn.Module, needed: int) -> int:

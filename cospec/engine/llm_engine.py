@@ -20,14 +20,14 @@ from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
-from cospec.decoding.verification import WindowParams, defer, verify
+from cospec.decoding.verification import Verified, Window, defer, verify
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
-from cospec.engine.sequence import RequestOutput, Sequence
+from cospec.engine.sequence import RequestOutput, Sequence, TokenLogprob
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -140,9 +140,11 @@ class LLMEngine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    context_prefix: list[int] | None = None) -> None:
         """Queue a request. Raises ValueError (naming the problem) for a request the engine cannot serve; the
-        engine and the other requests are unaffected."""
+        engine and the other requests are unaffected. ``context_prefix``: tokens that logits processors and stopping
+        criteria see before the prompt, but the model does not (``generate()``'s left padding, as in HF)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -155,9 +157,14 @@ class LLMEngine:
             if params.fusion.num_members != self.fusion.spec.num_members:
                 raise ValueError(f"the request's fusion spec combines {params.fusion.num_members} models; the engine's "
                                  f"group has {self.fusion.spec.num_members}")
-        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stops:
-            raise ValueError(f"stop token id(s) {bad_stops} outside the vocabulary [0, {self.vocab_size})")
+        bad_ids = sorted({t for t in params.token_ids_used() if not 0 <= t < self.vocab_size})
+        if bad_ids:
+            raise ValueError(f"token id(s) {bad_ids} in the sampling parameters (stop tokens, biases or bad words) are "
+                             f"outside the vocabulary [0, {self.vocab_size})")
+        deferring = self.speculative is not None and self.speculative.deferral_threshold is not None
+        if deferring and (params.logprobs is not None or params.output_scores or params.stopping_criteria):
+            raise ValueError("logprobs, output_scores and stopping_criteria are not available with confidence "
+                             "deferral (deferred tokens are not scored by the target)")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -168,7 +175,7 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
                 f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
-        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids)
+        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids, context_prefix)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -204,11 +211,11 @@ class LLMEngine:
             logits = self._fuse(items, windows, drafts, logits)
         if self.draft_policy is not None:
             self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
-        emitted = self._verify([s.seq for s in windows], drafts, logits) if windows else []
+        verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
-        outputs = [self._accept(s.seq, d, tokens) for s, d, tokens in zip(windows, drafts, emitted)]
+        outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
         if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
             for s in scheduled:
                 if not s.seq.is_finished:
@@ -232,8 +239,8 @@ class LLMEngine:
         if self.proposer is None or not any(s.num_draft_tokens for s in windows):
             return [Draft([]) for _ in windows]
         start = time.perf_counter()
-        requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params.temperature,
-                                 s.seq.params.top_k, s.seq.params.top_p, s.seq.params.min_p, s.seq.generator)
+        requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params, s.seq.seed,
+                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context())
                     for s in windows]
         drafts = self.proposer.propose(requests)
         # A draft never runs past the request's token limit or the context.
@@ -266,25 +273,22 @@ class LLMEngine:
             return target_logits
         return fuse_logits_rows([target_logits] + member_logits, specs)
 
-    def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> list[list[int]]:
-        row = 0
-        for seq, d in zip(seqs, drafts):
-            for j in range(len(d.token_ids) + 1):  # min_tokens: no stop token before the minimum
-                if seq.num_output_tokens + j < seq.params.min_tokens and seq.stop_ids:
-                    logits[row + j, list(seq.stop_ids)] = float("-inf")
-            row += len(d.token_ids) + 1
-        params = [WindowParams(s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p, s.generator)
-                  for s in seqs]
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> Verified:
+        windows = [Window(d.token_ids, s.params, s.seed, s.num_output_tokens, d.probs, s.row_context())
+                   for s, d in zip(seqs, drafts)]
         if self.speculative is not None and self.speculative.deferral_threshold is not None:
-            return defer(logits, [d.token_ids for d in drafts], params, self.speculative.deferral_rollback)
-        return verify(logits, [d.token_ids for d in drafts], [d.probs for d in drafts], params)
+            return defer(logits, windows, self.speculative.deferral_rollback)
+        want_scores = any(s.logprobs is not None or s.scores is not None or s.params.stopping_criteria for s in seqs)
+        return verify(logits, windows, want_scores)
 
-    def _accept(self, seq: Sequence, draft: Draft, tokens: list[int]) -> RequestOutput:
+    def _accept(self, seq: Sequence, draft: Draft, verified: Verified, index: int,
+                logits: torch.Tensor) -> RequestOutput:
         """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
-        num_accepted = len(tokens) - 1
+        tokens = verified.tokens[index]
+        num_accepted = max(len(tokens) - 1, 0)
         seq.num_computed_tokens += num_accepted
         self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)  # also returns blocks of unused draft room
-        if draft.token_ids:
+        if draft.token_ids and tokens:
             stats = seq.stats
             stats.num_drafted_tokens += len(draft.token_ids)
             stats.num_accepted_tokens += num_accepted
@@ -295,25 +299,62 @@ class LLMEngine:
             self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
-        return self._append(seq, tokens)
+        if verified.errors[index] is not None:
+            seq.error = verified.errors[index]
+            return self._finish(seq, "error")
+        rows = range(verified.row_starts[index], verified.row_starts[index] + len(tokens))
+        scores = [verified.scores[r] for r in rows] if verified.scores is not None else None
+        if seq.logprobs is not None:
+            seq.logprobs += _logprobs(torch.stack(scores), tokens, seq.params.logprobs)
+        if seq.scores is not None:
+            seq.scores += [row.float() for row in scores]
+        if seq.logits is not None:
+            seq.logits += [logits[r].float() for r in rows]
+        return self._append(seq, tokens, scores)
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
-        """Append new tokens, cutting at a stop token, max_tokens or the context; finish the sequence if done."""
-        now = time.perf_counter()
+    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput:
+        """Append new tokens, cutting at a stop token, a stopping criterion, max_tokens or the context; finish the
+        sequence if done."""
         if seq.stats.first_token_time is None:
-            seq.stats.first_token_time = now
-        for token in tokens:
+            seq.stats.first_token_time = time.perf_counter()
+        for i, token in enumerate(tokens):
             seq.token_ids.append(token)
             if token in seq.stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
-                seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                seq.stats.finish_time = now
-                self.scheduler.finish(seq)
-                self._requests.pop(seq.request_id, None)
-                break
+                return self._finish(seq, "stop")
+            if seq.params.stopping_criteria and self._criteria_met(seq, None if scores is None else scores[i]):
+                return self._finish(seq, "stop")
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                return self._finish(seq, "length")
         return seq.to_output()
+
+    @staticmethod
+    def _criteria_met(seq: Sequence, scores: torch.Tensor | None) -> bool:
+        input_ids = torch.tensor([seq.context_prefix + seq.token_ids], dtype=torch.int64)
+        scores = None if scores is None else scores[None]
+        return any(bool(torch.as_tensor(criterion(input_ids, scores)).any()) for criterion in seq.params.stopping_criteria)
+
+    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        """End ``seq`` with ``reason``; per-token reports of tokens cut off after the end are dropped."""
+        for report in (seq.logprobs, seq.scores, seq.logits):
+            if report is not None and len(report) > seq.num_output_tokens:
+                del report[seq.num_output_tokens:]
+        seq.finish_reason = reason
+        seq.stats.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self._requests.pop(seq.request_id, None)
+        return seq.to_output()
+
+
+def _logprobs(scores: torch.Tensor, tokens: list[int], num_top: int) -> list[TokenLogprob]:
+    """``scores``: [len(tokens), vocab_size], the logits each token was chosen from."""
+    logprobs = torch.log_softmax(scores.double(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    if num_top:
+        top_values, top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)]
 
 
 def _check_token_ids(token_ids, vocab_size: int) -> list[int]:

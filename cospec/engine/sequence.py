@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cospec.decoding.logits_processing import ProcessorState, RowContext, needs_processing
 from cospec.engine.sampling_params import SamplingParams
 
 
@@ -56,24 +57,42 @@ class RequestStats:
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """An output token's log-probability, and the most likely tokens' at its position (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
-    """'stop' (eos or a stop token), 'length' (max_tokens or the context), 'abort', or None while running."""
+    """'stop' (eos, a stop token or a stopping criterion), 'length' (max_tokens or the context), 'abort', 'error'
+    (see ``error``), or None while running."""
     text: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    logprobs: list[TokenLogprob] | None = None
+    """Per output token, when ``SamplingParams.logprobs`` is set."""
+    scores: list[torch.Tensor] | None = None
+    """Per output token ``[vocab_size]``, when ``SamplingParams.output_scores``: the logits it was chosen from."""
+    logits: list[torch.Tensor] | None = None
+    """Per output token ``[vocab_size]``, when ``SamplingParams.output_logits``: the model's raw logits."""
+    error: str | None = None
+    """Why the request failed (finish reason 'error'), e.g. the model produced NaN logits for it."""
     index: int = 0
     """Which of the request's samples this is (SamplingParams.n > 1)."""
 
 
 class Sequence:
-    """One request: its tokens, how many of them have K/V in the cache, and its own random generator."""
+    """One request: its tokens, how many of them have K/V in the cache, and what keys its random numbers."""
 
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], context_prefix: list[int] | None = None) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -83,12 +102,30 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.stats = RequestStats(num_prompt_tokens=len(prompt_token_ids), arrival_time=time.perf_counter())
-        self.generator: torch.Generator | None = None
+        # Sampled requests always have a seed: drawn from torch's global generator when not given (so that
+        # torch.manual_seed reproduces generate(), as in Hugging Face). Unseeded requests are not coupled: their
+        # model drafts are judged by rejection sampling, which accepts more (see cospec.decoding.verification).
+        self.seed: int | None = None
+        self.is_coupled = params.seed is not None
         if not params.is_greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.generator = torch.Generator().manual_seed(seed)
+            self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        # Tokens that logits processors and stopping criteria see before the prompt (generate(): the left padding
+        # Hugging Face keeps in input_ids).
+        self.context_prefix = list(context_prefix or [])
+        self.processor_state = (ProcessorState(params) if needs_processing(params, tuple(self.stop_ids)) else None)
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.scores: list | None = [] if params.output_scores else None
+        self.logits: list | None = [] if params.output_logits else None
         self.num_new_since_output = 0
+
+    def row_context(self) -> RowContext | None:
+        """The logits-processing context of this sequence's next position (None: no processing)."""
+        if self.processor_state is None:
+            return None
+        return RowContext(self.params, self.token_ids, self.num_prompt_tokens, [], tuple(self.stop_ids),
+                          self.context_prefix, self.processor_state)
 
     @property
     def num_tokens(self) -> int:
@@ -113,4 +150,9 @@ class Sequence:
     def to_output(self) -> RequestOutput:
         self.stats.num_output_tokens = self.num_output_tokens
         return RequestOutput(self.request_id, self.prompt_token_ids, self.output_token_ids, self.is_finished,
-                             self.finish_reason, stats=self.stats)
+                             self.finish_reason, stats=self.stats, logprobs=_copy(self.logprobs),
+                             scores=_copy(self.scores), logits=_copy(self.logits), error=self.error)
+
+
+def _copy(values: list | None) -> list | None:
+    return None if values is None else list(values)

@@ -13,7 +13,8 @@ import os
 import torch
 
 # Imported here, not per call: the dispatch functions run once per layer and step.
-from cospec.kernels import fuse_sample_kernel, rejection_sample_kernel, store_kv_kernel, verify_greedy_kernel
+from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, rejection_sample_kernel, store_kv_kernel,
+                            verify_greedy_kernel)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -89,3 +90,14 @@ def fuse_sample(
     if use_triton(member_logits):
         return fuse_sample_kernel.fuse_sample(*args)
     return fuse_sample_kernel.fuse_sample_ref(*args)
+
+
+def keyed_exponential(
+    keys: torch.Tensor,  # [num_rows] int64: one noise key per row (cospec.decoding.sampling.noise_keys)
+    vocab_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [num_rows, vocab_size] ~ Exp(1), a pure function of (key, token id)
+    """Counter-based Exp(1) noise: the same key gives the same noise on every device, in every batch."""
+    if use_triton(keys):
+        return keyed_noise_kernel.keyed_exponential(keys, vocab_size, dtype)
+    return keyed_noise_kernel.keyed_exponential_ref(keys, vocab_size, dtype)
