@@ -25,6 +25,7 @@ class ChoiceText:
         self.num_sent = 0  # characters of text already given to the client
         self.is_stopped = False
         self._token_texts: list[str] = []
+        self._special_ids: set[int] | None = None
         self.num_tokens_reported = 0  # output tokens whose logprobs the client has
 
     def update(self, token_ids: list[int]) -> None:
@@ -49,14 +50,23 @@ class ChoiceText:
 
     # ---- per-token texts, for logprobs ----
     def token_text(self, position: int, token_id: int) -> str:
-        """The text ``token_id`` adds at output ``position``, decoded in its left context (special tokens shown)."""
+        """The text ``token_id`` adds to the output at ``position``, decoded in its left context (as the output text
+        is: special tokens add nothing)."""
         left = self.token_ids[max(0, position - TOKEN_TEXT_WINDOW): position]
-        before = self.tokenizer.decode(left)
-        both = self.tokenizer.decode(left + [token_id])
+        before = self.tokenizer.decode(left, skip_special_tokens=True)
+        both = self.tokenizer.decode(left + [token_id], skip_special_tokens=True)
         return both[len(before):] if both.startswith(before) else self.tokenizer.decode([token_id])
 
+    def shown_text(self, position: int, token_id: int) -> str:
+        """How logprobs show ``token_id`` at ``position``: its text, or a special token's own name (``</s>``)."""
+        if self._special_ids is None:
+            self._special_ids = set(self.tokenizer.all_special_ids)
+        if token_id in self._special_ids:
+            return self.tokenizer.convert_ids_to_tokens(token_id)
+        return self.token_text(position, token_id)
+
     def token_texts(self) -> list[str]:
-        """The text of each output token so far."""
+        """The text each output token so far adds to the output."""
         for i in range(len(self._token_texts), len(self.token_ids)):
             self._token_texts.append(self.token_text(i, self.token_ids[i]))
         return self._token_texts
@@ -79,35 +89,35 @@ class ChoiceText:
 
 
 def chat_logprobs(choice: ChoiceText, logprobs: list, tokens: range) -> ChatCompletionLogProbs:
-    """``logprobs`` holds one ``TokenLogprob(token_id, logprob, top)`` per output token; alternatives are decoded in
-    the same context as the token."""
-    texts = choice.token_texts()
-
-    def entry(text: str, logprob: float) -> ChatCompletionLogProb:
+    """``logprobs`` holds one ``TokenLogprob(token_id, logprob, top)`` per output token; alternatives are shown as
+    they would read in the same place."""
+    def entry(position: int, token_id: int, logprob: float) -> ChatCompletionLogProb:
+        text = choice.shown_text(position, token_id)
         return ChatCompletionLogProb(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
     content = []
     for i in tokens:
         token = logprobs[i]
         content.append(ChatCompletionLogProbsContent(
-            **entry(texts[i], token.logprob).model_dump(),
-            top_logprobs=[entry(choice.token_text(i, token_id), lp) for token_id, lp in token.top]))
+            **entry(i, token.token_id, token.logprob).model_dump(),
+            top_logprobs=[entry(i, token_id, lp) for token_id, lp in token.top]))
     return ChatCompletionLogProbs(content=content)
 
 
 def completion_logprobs(choice: ChoiceText, logprobs: list, tokens: range, num_top: int) -> CompletionLogProbs:
-    """The legacy shape; ``text_offset`` counts characters of the completion text."""
+    """The legacy shape; ``text_offset`` is where each token's text starts in the completion text."""
     texts = choice.token_texts()
     text_offset = sum(len(t) for t in texts[: tokens.start])
     result = CompletionLogProbs(top_logprobs=[] if num_top else None)
     for i in tokens:
         token = logprobs[i]
-        result.tokens.append(texts[i])
+        shown = choice.shown_text(i, token.token_id)
+        result.tokens.append(shown)
         result.token_logprobs.append(token.logprob)
         result.text_offset.append(text_offset)
         text_offset += len(texts[i])
         if num_top:  # the most likely tokens, and the sampled one (up to num_top + 1 entries, as OpenAI)
-            top = {choice.token_text(i, token_id): lp for token_id, lp in token.top}
-            top.setdefault(texts[i], token.logprob)
+            top = {choice.shown_text(i, token_id): lp for token_id, lp in token.top}
+            top.setdefault(shown, token.logprob)
             result.top_logprobs.append(top)
     return result
