@@ -198,3 +198,13 @@ def test_replicas_without_ray_serve_say_what_to_install(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "cospec.serving.replicas", raising=False)
     assert main(["serve", "--replicas", "2", "--model", "unused"]) == 2
     assert "pip install 'cospec[serve]'" in capsys.readouterr().err
+
+
+def test_tiny_temperatures_decode_greedily(http):
+    """A temperature that underflows float32 must not turn the distribution into NaN (token 0 every step)."""
+    body = COMPLETION | {"max_tokens": 6, "ignore_eos": True}
+    greedy = _post(http, "/v1/completions", body | {"temperature": 0}).json()["choices"][0]["text"]
+    assert greedy
+    for temperature in (1e-45, 1e-39, 1e-30):
+        response = _post(http, "/v1/completions", body | {"temperature": temperature})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == greedy, temperature
