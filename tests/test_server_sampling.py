@@ -182,6 +182,8 @@ def test_penalties_and_biases_equal_direct_greedy_decoding(served, hf, params, p
 
 
 # ---- n samples ------------------------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="needs n samples per request in the engine (the prefix-cache branch); "
+                   "remove this mark when it lands")
 def test_n_samples_equal_offline_samples_with_the_same_seed(served, model_dir):
     params = cospec.SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
     llm = cospec.LLM(str(model_dir), max_num_seqs=4)
@@ -251,3 +253,10 @@ def test_a_seed_reproduces_a_request_alone_or_in_a_batch_with_speculation(model_
         drafted = served.server.metrics.num_drafted
     assert alone == in_batch == offline.text
     assert drafted > 0, "prompt lookup should have drafted"
+
+
+def test_n_the_engine_cannot_serve_is_a_400_not_a_hang(served):
+    """Until the engine runs several samples per request (the prefix-cache branch; then delete this test and the
+    xfail mark above), n > 1 is refused by name: the server never waits for choices that will not come."""
+    response = httpx.post(served.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2}, timeout=30)
+    assert response.status_code == 400 and "n=2" in response.json()["error"]["message"]

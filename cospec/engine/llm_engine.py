@@ -150,6 +150,8 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n != 1:  # several samples of one prompt come with the prefix cache (n samples share its blocks)
+            raise ValueError(f"n={params.n}: this engine runs one sample per request (n=1)")
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
         if params.fusion is not None:
             if self.fusion is None:
