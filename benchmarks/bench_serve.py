@@ -8,13 +8,14 @@ speculation, on one engine or on Ray Serve replicas, with single-turn or multi-t
 
 Without ``--url`` it starts ``python -m cospec.serving`` on a free loopback port for each configuration, one server at
 a time: plain and with the speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``;
-``--no-baseline`` skips the plain one), each with every ``--replicas`` count (1: one engine in the server process;
-N > 1: ``cospec serve --replicas N`` on Ray Serve). Each run sends ``--num-requests`` sessions of chat requests,
-streaming, through the ``openai`` async client: sessions arrive as a Poisson process at each ``--rate``
+``--no-baseline`` skips the plain one), each with every ``--replicas`` count (1: one engine in the server process; N > 1:
+``cospec serve --replicas N`` on Ray Serve) and every ``--prefix-caching`` setting (``on off`` compares time to first
+token with and without the engine's prefix cache at the same load). Each run sends ``--num-requests`` sessions of chat
+requests, streaming, through the ``openai`` async client: sessions arrive as a Poisson process at each ``--rate``
 (sessions/s), or as a closed loop of ``--concurrency`` clients; a session's turns follow one another
 (``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
-replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system
-prompt). Greedy by default, so every server configuration produces the same tokens and does the same work.
+replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
+Greedy by default, so every server configuration produces the same tokens and does the same work.
 
 Reported per configuration and rate: completed / failed requests, output tokens/s (all output tokens over the
 run's wall time), TTFT (request sent to first content chunk) and TPOT ((latency - TTFT) / (output tokens - 1)) at
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true", help="with a speculation flag: skip the plain server")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1],
                         help="engine counts to run each configuration with (> 1: Ray Serve replicas)")
+    parser.add_argument("--prefix-caching", choices=("on", "off"), nargs="+", default=["on"],
+                        help="run each configuration with the engine's prefix caching on, off, or both")
     parser.add_argument("--workload", choices=WORKLOADS, default="single")
     parser.add_argument("--max-turns", type=int, default=4, help="multiturn: user turns per conversation at most")
     parser.add_argument("--system-prompt-tokens", type=int, default=1000, help="system-prompt: its length")
@@ -278,7 +281,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 # ---- main ---------------------------------------------------------------------------------------------------
 def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(label, server flags) per server to start: each speculation setting with each replica count."""
+    """(label, server flags) per server to start: each speculation setting with each replica count and prefix-caching
+    setting."""
     spec: list[str] = []
     if args.prompt_lookup is not None:
         spec = ["--prompt-lookup", str(args.prompt_lookup)]
@@ -291,8 +295,15 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     engines = [] if (spec and args.no_baseline) else [("plain", [])]
     if spec:
         engines.append((" ".join(spec).replace("--", ""), spec))
-    return [(label if n == 1 else f"{label}, {n} replicas", flags if n == 1 else [*flags, "--replicas", str(n)])
-            for label, flags in engines for n in args.replicas]
+    configs = []
+    for label, flags in engines:
+        for n in args.replicas:
+            for caching in args.prefix_caching:
+                configs.append((label + ("" if n == 1 else f", {n} replicas") + ("" if caching == "on" else
+                                                                               ", no prefix cache"),
+                                flags + ([] if n == 1 else ["--replicas", str(n)])
+                                + ([] if caching == "on" else ["--no-prefix-caching"])))
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,7 +116,10 @@ class CospecSystem:
             speculative = SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
         elif name == "cospec_draft":
             speculative = SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
-        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=max_batch), speculative=speculative, fusion=fusion)
+        # No prefix caching: the suite runs the same prompts again (warm-up, repeats), which a prefix cache would serve
+        # from the previous run while HF generate recomputes them (benchmarks/bench_prefix_cache.py measures it).
+        config = EngineConfig(max_num_seqs=max_batch, enable_prefix_caching=False)
+        self.engine = LLMEngine(model, config, speculative=speculative, fusion=fusion)
         self._ids = 0
 
     def run(self, prompts: list[list[int]], max_new_tokens: int) -> RunResult:

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    info = commands.add_parser("info", help="print versions, the device and the kernel backends")
+    info = commands.add_parser("info", help="print versions, the device, the kernel backends and stored CPU row plans")
     info.set_defaults(run=_info)
     return parser
 
@@ -189,13 +189,31 @@ def _stream(text: str, printed: str, finished: bool) -> str:
 
 # ---- info ----------------------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
+    from cospec.engine.cpu_plans import plans_dir, stored_plans
     from cospec.environment import environment
 
     rows = environment()
+    plans = stored_plans()
+    rows["cpu row plans"] = f"{plans_dir()} ({len(plans)} stored)"
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value}")
+    for entry in plans:
+        print("\n".join(f"  {line}" for line in _plan_lines(entry)))
     return 0
+
+
+def _plan_lines(entry: dict) -> list[str]:
+    """A stored row plan in two lines: its key and measurement, then its paths by row count."""
+    if "error" in entry:
+        return [f"{entry['file'].name}: unreadable ({entry['error']}); it is measured again when needed"]
+    key, measured = entry["key"], entry["measured"]
+    shapes = [f"{out_features}x{in_features}" for out_features, in_features, _ in key["weights"]]
+    dtypes = "/".join(sorted({dtype for *_, dtype in key["weights"]}))
+    shown = ", ".join(shapes[:6]) + (f" and {len(shapes) - 6} more" if len(shapes) > 6 else "")
+    return [f"{key['threads']} thread(s), weights {shown} {dtypes}, torch {key['torch']}, {key['isa']}, {key['cpu']}; "
+            f"measured {measured.get('at', '?')} in {measured.get('seconds', '?')} s",
+            f"  rows {entry['plan'].describe()}"]
 
 
 if __name__ == "__main__":

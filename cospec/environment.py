@@ -11,6 +11,7 @@ def environment() -> dict[str, str]:
     import torch
 
     import cospec
+    from cospec.engine.cpu_plans import cpu_name
     from cospec.kernels import backend_name
 
     return {
@@ -19,7 +20,7 @@ def environment() -> dict[str, str]:
         "transformers": _version("transformers"),
         "triton": _version("triton"),
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": str(torch.get_num_threads()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
         "kernels (cpu)": backend_name("cpu"),
@@ -33,13 +34,3 @@ def _version(dist: str) -> str:
     except metadata.PackageNotFoundError:
         return "not installed"
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

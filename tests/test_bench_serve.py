@@ -35,11 +35,14 @@ def test_system_prompt_text_reaches_the_token_count():
         build_sessions("nonsense", 1, 0, 100)
 
 
-def test_configurations_cover_speculation_and_replicas():
+def test_configurations_cover_speculation_replicas_and_prefix_caching():
     args = parse_args(["--prompt-lookup", "3", "--replicas", "1", "2"])
     assert configurations(args) == [("plain", []), ("plain, 2 replicas", ["--replicas", "2"]),
                                     ("prompt-lookup 3", ["--prompt-lookup", "3"]),
                                     ("prompt-lookup 3, 2 replicas", ["--prompt-lookup", "3", "--replicas", "2"])]
+    args = parse_args(["--replicas", "2", "--prefix-caching", "on", "off"])
+    assert configurations(args) == [("plain, 2 replicas", ["--replicas", "2"]),
+                                    ("plain, 2 replicas, no prefix cache", ["--replicas", "2", "--no-prefix-caching"])]
 
 
 def test_summary_reports_the_prefix_cache_hit_rate():

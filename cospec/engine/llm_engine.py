@@ -59,7 +59,7 @@ class LLMEngine:
             kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
                                                draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
                                   packed_cpu_weights=config.packed_cpu_weights)
         # Fusion members: a runner (own paged KV pool) per model member; n-gram members need no cache.
@@ -86,10 +86,13 @@ class LLMEngine:
                 self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
                                                    keep_unconfident=speculative.deferral_threshold is None)
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,
-                                                  padded_tokens=self.runner.row_plan.rows_for)
+                                                  padded_tokens=self.runner.padded_rows)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
+            # A proposer that cannot start on any cached prefix (it needs states of positions it has not seen)
+            # says how much of one it can reuse.
+            self.scheduler.max_reusable_prefix = getattr(self.proposer, "max_reusable_prefix", None)
         self._seq_ids = itertools.count()
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
 
     def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
         """The group's members as objects: HF models (loaded if given by name, vocabulary checked) or NgramLMs."""
@@ -140,19 +143,33 @@ class LLMEngine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    context_prefix: list[int] | None = None) -> None:
-        """Queue a request. Raises ValueError (naming the problem) for a request the engine cannot serve; the
-        engine and the other requests are unaffected. ``context_prefix``: tokens that logits processors and stopping
-        criteria see before the prompt, but the model does not (``generate()``'s left padding, as in HF)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
+                    processor_prompt: list[int] | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
+        """Queue a request (``params.n`` samples of the prompt, each output with its ``index``). Raises ValueError
+        (naming the problem) for a request the engine cannot serve; the engine and the other requests are
+        unaffected.
+
+        ``processor_prompt``: the prompt as logits processors and stopping criteria see it, where it differs from
+        what the model sees (``generate()``: HF's ``input_ids`` row, with its left padding and masked tokens).
+        ``prompt_embeds`` ``[k, hidden_size]``: the model's input at the first k prompt positions instead of those
+        tokens' embeddings (HF's ``inputs_embeds``, a soft prompt). With ``prompt_token_ids=None`` the prompt is
+        these k embeddings alone: processors then see no prompt (as in HF) and ``prompt_token_ids`` of the output
+        holds placeholders (0)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.n != 1:  # several samples of one prompt come with the prefix cache (n samples share its blocks)
-            raise ValueError(f"n={params.n}: this engine runs one sample per request (n=1)")
+        if prompt_embeds is not None:
+            prompt_embeds = self._check_prompt_embeds(prompt_embeds, prompt_token_ids)
+        if prompt_token_ids is None:
+            if prompt_embeds is None:
+                raise ValueError("a request needs prompt_token_ids, prompt_embeds or both")
+            prompt_token_ids = [0] * prompt_embeds.shape[0]
+            processor_prompt = [] if processor_prompt is None else processor_prompt
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
+        if processor_prompt is not None:
+            processor_prompt = _check_token_ids(processor_prompt, self.vocab_size, allow_empty=True)
         if params.fusion is not None:
             if self.fusion is None:
                 raise ValueError("this request has a fusion spec, but the engine has no fusion group (fusion=...)")
@@ -177,23 +194,46 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
                 f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
-        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids, context_prefix)
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        samples = [Sequence(next(self._seq_ids), request_id, prompt, params.for_sample(i), self.eos_token_ids,
+                            processor_prompt, prompt_embeds, index=i)
+                   for i in range(params.n)]
+        self._requests[request_id] = samples
+        for seq in samples:  # the first computes the prompt; the others wait for it and start on its cached blocks
+            self.scheduler.add(seq)
+
+    def _check_prompt_embeds(self, prompt_embeds, prompt_token_ids) -> torch.Tensor:
+        """``prompt_embeds`` on the model's device and dtype, or ValueError naming what is wrong with them."""
+        hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 2 \
+                or prompt_embeds.shape[1] != hidden_size or not prompt_embeds.is_floating_point():
+            shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds)
+            raise ValueError(f"prompt_embeds must be a float tensor [num_tokens, {hidden_size}] (the model's hidden "
+                             f"size), got {shape}")
+        num_rows = prompt_embeds.shape[0]
+        if num_rows == 0 or (prompt_token_ids is not None and num_rows > len(prompt_token_ids)):
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows; give 1 to len(prompt_token_ids) rows")
+        if self.fusion is not None:
+            raise ValueError("prompt_embeds cannot be used with fusion: the members cannot read the target's "
+                             "embeddings")
+        if prompt_token_ids is None and self.speculative is not None and self.speculative.method == "draft":
+            raise ValueError("a draft model cannot read a prompt given only as embeddings (give the prompt's token "
+                             "ids too, or use prompt lookup or self-speculation)")
+        weight = self.model.get_input_embeddings().weight
+        return prompt_embeds.detach().to(device=weight.device, dtype=weight.dtype)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks at once (unknown or finished ids are ignored)."""
-        seq = self._requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+        """Stop a request (all its samples) and free its KV blocks at once (unknown or finished ids are ignored)."""
+        for seq in self._requests.pop(request_id, ()):
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return self.scheduler.num_unfinished
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -205,22 +245,26 @@ class LLMEngine:
         drafts = self._propose(windows)
         items = [ForwardItem(s.seq.seq_id,
                              s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens] + d.token_ids,
-                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0)
+                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0,
+                             s.seq.prompt_embeds_for(s.seq.num_computed_tokens, s.num_new_tokens))
                  for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
         start = time.perf_counter()
         logits = self.runner.forward(items)
         if self.members:
             logits = self._fuse(items, windows, drafts, logits)
+        num_tokens, seconds = sum(len(it.token_ids) for it in items), time.perf_counter() - start
+        self.scheduler.observe_step(num_tokens, seconds)
         if self.draft_policy is not None:
-            self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
+            self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
-        if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
-            for s in scheduled:
-                if not s.seq.is_finished:
+        for s in scheduled:
+            if not s.seq.is_finished:  # (finished ones offered theirs when released)
+                self.scheduler.cache_computed(s.seq)  # rejected drafts are truncated by now: accepted tokens only
+                if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                     self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
         return outputs
 
@@ -241,8 +285,11 @@ class LLMEngine:
         if self.proposer is None or not any(s.num_draft_tokens for s in windows):
             return [Draft([]) for _ in windows]
         start = time.perf_counter()
+        # Self-speculation's draft is the target's first layers: it reads prompts given as embeddings too.
+        reads_embeds = self.speculative.method == "self_spec"
         requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params, s.seq.seed,
-                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context())
+                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context(),
+                                 s.seq.prompt_embeds if reads_embeds else None)
                     for s in windows]
         drafts = self.proposer.propose(requests)
         # A draft never runs past the request's token limit or the context.
@@ -331,7 +378,7 @@ class LLMEngine:
 
     @staticmethod
     def _criteria_met(seq: Sequence, scores: torch.Tensor | None) -> bool:
-        input_ids = torch.tensor([seq.context_prefix + seq.token_ids], dtype=torch.int64)
+        input_ids = torch.tensor([seq.processor_token_ids()], dtype=torch.int64)
         scores = None if scores is None else scores[None]
         return any(bool(torch.as_tensor(criterion(input_ids, scores)).any()) for criterion in seq.params.stopping_criteria)
 
@@ -343,7 +390,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stats.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
-        self._requests.pop(seq.request_id, None)
+        if all(s.is_finished for s in self._requests.get(seq.request_id, ())):
+            self._requests.pop(seq.request_id, None)
         return seq.to_output()
 
 
@@ -359,12 +407,12 @@ def _logprobs(scores: torch.Tensor, tokens: list[int], num_top: int) -> list[Tok
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)]
 
 
-def _check_token_ids(token_ids, vocab_size: int) -> list[int]:
+def _check_token_ids(token_ids, vocab_size: int, allow_empty: bool = False) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.tolist()
     if isinstance(token_ids, str) or not hasattr(token_ids, "__len__"):
         raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
-    if len(token_ids) == 0:
+    if len(token_ids) == 0 and not allow_empty:
         raise ValueError("the prompt is empty: give at least one token")
     ids = []
     for t in token_ids:

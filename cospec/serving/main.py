@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+from cospec.engine.config import SCHEDULING_POLICIES
+
 logger = logging.getLogger("cospec.serving")
 
 
@@ -48,6 +50,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once")
     engine.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     engine.add_argument("--threads", type=int, default=None, help="torch threads of the engine (default: torch's)")
+    engine.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="prefill every prompt in full instead of reusing cached KV blocks of its prefix")
+    engine.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fair",
+                        help="fair: new requests' first chunks and decodes go first, long prefills share what is left; "
+                             "fcfs: running prefills first")
     engine.add_argument("--replicas", type=int, default=None, metavar="N",
                         help="run N engines on Ray Serve replicas behind this endpoint (needs the 'serve' extra: "
                              "pip install 'cospec[serve]')")
@@ -72,7 +79,8 @@ def build_engine(args: argparse.Namespace):
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
     speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec)
     config = EngineConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching,
+                          scheduling_policy=args.scheduling_policy)
     return LLMEngine(args.model, config, dtype=args.dtype, device=args.device, speculative=speculative)
 
 
