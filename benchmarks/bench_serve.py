@@ -9,10 +9,10 @@ speculation, on one engine or on Ray Serve replicas, with single-turn or multi-t
 Without ``--url`` it starts ``python -m cospec.serving`` on a free loopback port for each configuration, one server at
 a time: plain and with the speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``;
 ``--no-baseline`` skips the plain one), each with every ``--replicas`` count (1: one engine in the server process;
-N > 1: ``cospec serve --replicas N`` on Ray Serve) and every ``--prefix-caching`` setting (``on off`` compares time to first
-token with and without the engine's prefix cache at the same load). Each run sends ``--num-requests`` sessions of chat
-requests, streaming, through the ``openai`` async client: sessions arrive as a Poisson process at each ``--rate``
-(sessions/s), or as a closed loop of ``--concurrency`` clients; a session's turns follow one another
+N > 1: ``cospec serve --replicas N`` on Ray Serve) and every ``--prefix-caching`` setting (``on off`` compares time
+to first token with and without the engine's prefix cache at the same load). Each run sends ``--num-requests``
+sessions of chat requests, streaming, through the ``openai`` async client: sessions arrive as a Poisson process at
+each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients; a session's turns follow one another
 (``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
 replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
 Greedy by default, so every server configuration produces the same tokens and does the same work.
