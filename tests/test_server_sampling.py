@@ -76,10 +76,6 @@ def _greedy_with(model, prompt_ids: list[int], steps: int, process) -> list[int]
 PROMPT_IDS = [5, 9, 12, 7]
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # ---- logprobs ------------------------------------------------------------------------------------------------
 def test_completion_logprobs_equal_the_model_log_softmax(served, hf):
     model, tokenizer = hf
@@ -251,53 +247,3 @@ def test_a_seed_reproduces_a_request_alone_or_in_a_batch_with_speculation(model_
         drafted = served.server.metrics.num_drafted
     assert alone == in_batch == offline.text
     assert drafted > 0, "prompt lookup should have drafted"
-
-
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": "x", "n": 129}, "n"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": -2.5}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
-])
-def test_bad_sampling_parameters_get_400(served, path, body, param):
-    response = httpx.post(served.url + path, json={"model": MODEL} | body, timeout=30)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
-
-
-# ---- seeds ----------------------------------------------------------------------------------------------------
-def test_a_seed_reproduces_a_request_alone_or_in_a_batch_with_speculation(model_dir):
-    """Through a server that drafts by prompt lookup: a seeded request gives the same text alone, among 7 others
-    sent at once, and as offline plain sampling with that seed."""
-    import asyncio
-
-    from cospec.engine.config import EngineConfig, SpeculativeConfig
-    from cospec.engine.llm_engine import LLMEngine
-    from cospec.serving.app import ServeOptions
-
-    prompt = [5, 9, 12, 7, 5, 9, 12, 7, 5, 9]  # repetitive: prompt lookup drafts
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0.8, "seed": 1234,
-            "ignore_eos": True}
-    params = cospec.SamplingParams(temperature=0.8, seed=1234, max_tokens=16, ignore_eos=True)
-    (offline,) = cospec.LLM(str(model_dir), max_num_seqs=1).generate(prompt, params, use_tqdm=False)
-    engine = LLMEngine(str(model_dir), EngineConfig(max_num_seqs=8, max_model_len=512),
-                       speculative=SpeculativeConfig("prompt_lookup", num_draft_tokens=4))
-    with InProcessServer(engine, ServeOptions(MODEL, max_tokens_limit=64)) as served:
-        alone = _post(served, "/v1/completions", body)["choices"][0]["text"]
-
-        async def batch():
-            async with httpx.AsyncClient(base_url=served.url, timeout=60) as http:
-                others = [body | {"seed": 7 + i, "prompt": prompt[i % 4:]} for i in range(7)]
-                answers = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in [*others, body]))
-            return answers[-1].json()["choices"][0]["text"]
-
-        in_batch = asyncio.run(batch())
-        drafted = served.server.metrics.num_drafted
-    assert alone == in_batch == offline.text
-    assert drafted > 0, "prompt lookup should have drafted"
-

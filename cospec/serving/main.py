@@ -18,9 +18,6 @@ import sys
 
 from cospec.engine.config import SCHEDULING_POLICIES
 
-logger = logging.getLogger("cospec.serving")
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``serve`` flags (``cospec serve`` and ``python -m cospec.serving`` share them)."""
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name, model directory or .gguf file")
