@@ -2,6 +2,7 @@
 throughput; a busy run writes the comparison, the load and cospec's CPU setting (no timed assertions)."""
 
 import json
+import time
 
 from _tiny_models import save_tiny_llama_dir
 from benchmarks import bench_plain
@@ -13,6 +14,7 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 def test_competing_load_runs_beside_the_block_and_reports():
     with CompetingLoad(1) as load:
         assert load.process.poll() is None  # started, and running before the block begins
+        time.sleep(1.0)  # long enough for a few products, even on a busy machine
     assert load.process.poll() is not None
     assert load.stats["threads"] == 1 and load.stats["products_per_s"] > 0
     with CompetingLoad(0) as nothing:

@@ -79,6 +79,9 @@ class BlockManager:
 
     def can_grow(self, seq_id: int, new_length: int, reserve: int = 0) -> bool:
         """Whether ``seq_id`` can be extended to ``new_length`` tokens leaving ``reserve`` blocks free."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length and not reserve:
+            return True  # the common case of a decode step: the last block has room
         return self.num_new_blocks_needed(seq_id, new_length) + reserve <= self.num_free_blocks
 
     # ---- prefix cache ----------------------------------------------------------------------------------------
@@ -125,7 +128,10 @@ class BlockManager:
         are computed and final: accepted, never a draft that may still be rejected) in the prefix cache."""
         if not self.enable_prefix_caching or seq_id not in self.block_tables:
             return
-        hashes, table = self._seq_hashes.setdefault(seq_id, []), self.block_tables[seq_id]
+        hashes = self._seq_hashes.setdefault(seq_id, [])
+        if len(hashes) >= num_tokens // self.block_size:  # no block filled up since the last call
+            return
+        table = self.block_tables[seq_id]
         for i in range(len(hashes), min(num_tokens // self.block_size, len(table))):
             key = block_hash(hashes[-1] if hashes else b"", token_ids[i * self.block_size: (i + 1) * self.block_size])
             hashes.append(key)
@@ -137,6 +143,11 @@ class BlockManager:
     # ---- updates -------------------------------------------------------------------------------------------
     def grow(self, seq_id: int, new_length: int) -> None:
         """Make room for ``new_length`` tokens (allocating the sequence on first use); sets its length."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length:  # room in the last block
+            if new_length > self.lengths[seq_id]:
+                self.lengths[seq_id] = new_length
+            return
         needed = self.num_new_blocks_needed(seq_id, new_length)
         if needed > self.num_free_blocks:
             # Checked before the sequence is registered: a failed grow leaves no trace (no empty table behind).
@@ -149,8 +160,11 @@ class BlockManager:
 
     def truncate(self, seq_id: int, new_length: int) -> None:
         """Drop the cached tokens past ``new_length`` (O(1) in tokens); frees blocks that became empty."""
-        if new_length < 0 or new_length > self.lengths[seq_id]:
-            raise ValueError(f"cannot truncate sequence {seq_id} of length {self.lengths[seq_id]} to {new_length}")
+        length = self.lengths[seq_id]
+        if new_length == length:
+            return
+        if new_length < 0 or new_length > length:
+            raise ValueError(f"cannot truncate sequence {seq_id} of length {length} to {new_length}")
         table = self.block_tables[seq_id]
         keep = self.num_blocks_for(new_length)
         if new_length % self.block_size and table[keep - 1] in self._hash_of:

@@ -91,6 +91,9 @@ class LLMEngine:
             # A proposer that cannot start on any cached prefix (it needs states of positions it has not seen)
             # says how much of one it can reuse.
             self.scheduler.max_reusable_prefix = getattr(self.proposer, "max_reusable_prefix", None)
+        # A draft model with a cache of its own rolls it back after verification (a drafting member's advances with
+        # the target's).
+        self._draft_rolls_back = isinstance(self.proposer, ModelDraftProposer) and not draft_is_member
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
 
@@ -199,6 +202,7 @@ class LLMEngine:
                    for i in range(params.n)]
         self._requests[request_id] = samples
         for seq in samples:  # the first computes the prompt; the others wait for it and start on its cached blocks
+            seq.max_num_tokens = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
             self.scheduler.add(seq)
 
     def _check_prompt_embeds(self, prompt_embeds, prompt_token_ids) -> torch.Tensor:
@@ -243,11 +247,15 @@ class LLMEngine:
             return []
         windows = [s for s in scheduled if self._completes(s)]  # sequences that emit tokens this step
         drafts = self._propose(windows)
-        items = [ForwardItem(s.seq.seq_id,
-                             s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens] + d.token_ids,
-                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0,
-                             s.seq.prompt_embeds_for(s.seq.num_computed_tokens, s.num_new_tokens))
-                 for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
+        draft_of = {s.seq.seq_id: d.token_ids for s, d in zip(windows, drafts) if d.token_ids}
+        items = []
+        for s in scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            draft = draft_of.get(seq.seq_id, [])
+            num_logits = len(draft) + 1 if start + s.num_new_tokens == seq.num_tokens else 0
+            embeds = None if seq.prompt_embeds is None else seq.prompt_embeds_for(start, s.num_new_tokens)
+            items.append(ForwardItem(seq.seq_id, seq.token_ids[start: start + s.num_new_tokens] + draft, start,
+                                     num_logits, embeds))
         start = time.perf_counter()
         logits = self.runner.forward(items)
         if self.members:
@@ -301,11 +309,6 @@ class LLMEngine:
         self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - start)
         return drafts
 
-    @staticmethod
-    def _drafts_for(scheduled: list[ScheduledSeq], windows: list[ScheduledSeq], drafts: list[Draft]) -> list[Draft]:
-        by_seq = {s.seq.seq_id: d for s, d in zip(windows, drafts)}
-        return [by_seq.get(s.seq.seq_id, Draft([])) for s in scheduled]
-
     def _fuse(self, items: list[ForwardItem], windows: list[ScheduledSeq], drafts: list[Draft],
               target_logits: torch.Tensor) -> torch.Tensor:
         """Every member advances on this step's tokens; the window rows get the fused log-probabilities."""
@@ -344,7 +347,7 @@ class LLMEngine:
             if len(stats.acceptance_histogram) <= len(draft.token_ids):
                 stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
             stats.acceptance_histogram[num_accepted] += 1
-        if isinstance(self.proposer, ModelDraftProposer) and not self._draft_runs_as_member:
+        if self._draft_rolls_back:
             self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
@@ -366,13 +369,14 @@ class LLMEngine:
         sequence if done."""
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = time.perf_counter()
+        token_ids, stop_ids, criteria = seq.token_ids, seq.stop_ids, seq.params.stopping_criteria
         for i, token in enumerate(tokens):
-            seq.token_ids.append(token)
-            if token in seq.stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
+            token_ids.append(token)
+            if token in stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
                 return self._finish(seq, "stop")
-            if seq.params.stopping_criteria and self._criteria_met(seq, None if scores is None else scores[i]):
+            if criteria and self._criteria_met(seq, None if scores is None else scores[i]):
                 return self._finish(seq, "stop")
-            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            if len(token_ids) >= seq.max_num_tokens:  # max_tokens or the context
                 return self._finish(seq, "length")
         return seq.to_output()
 

@@ -104,6 +104,7 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.max_num_tokens = self.num_prompt_tokens + params.max_tokens  # the engine caps it at the context
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stats = RequestStats(num_prompt_tokens=len(prompt_token_ids), arrival_time=time.perf_counter())
