@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
-from importlib import metadata
 
 EXIT_USAGE = 2
 
@@ -63,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
-    from cospec.engine.server import add_serve_arguments  # starlette/uvicorn load only in serve_main
+    from cospec.serving.main import add_serve_arguments  # starlette/uvicorn load only in serve_main
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
@@ -160,7 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cospec.engine.server import serve_main
+    from cospec.serving.main import serve_main
 
     _quiet_transformers()
     return serve_main(args)
@@ -189,38 +187,10 @@ def _stream(text: str, printed: str, finished: bool) -> str:
     return text
 
 
-# ---- info --------------------------------------------------------------------------------------------------
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def environment() -> dict[str, str]:
-    """Versions, the device and the kernel backends, as ``cospec info`` prints them (benchmarks record it too)."""
-    import torch
-
-    import cospec
-    from cospec.engine.cpu_plans import cpu_name
-    from cospec.kernels import backend_name
-
-    return {
-        "cospec": cospec.__version__,
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
-        "python": platform.python_version(),
-        "cpu": cpu_name(),
-        "threads": str(torch.get_num_threads()),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
-        "kernels (cpu)": backend_name("cpu"),
-        "kernels (cuda)": backend_name("cuda"),
-    }
-
-
+# ---- info ----------------------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
     from cospec.engine.cpu_plans import plans_dir, stored_plans
+    from cospec.environment import environment
 
     rows = environment()
     plans = stored_plans()
