@@ -21,6 +21,7 @@ touching the other requests.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -44,7 +45,7 @@ class Window:
 
     @property
     def num_rows(self) -> int:
-        return len(self.draft_token_ids) + 1
+        return len(self.draft_token_ids) + 1  # [last token, drafts]
 
 
 @dataclass(slots=True)
@@ -75,8 +76,8 @@ def verify(
 ) -> Verified:
     """Tokens each window emits this step: its accepted drafts, then one target token."""
     device, vocab_size = logits.device, logits.shape[-1]
-    num_rows = [w.num_rows for w in windows]
-    starts = _starts(windows)
+    num_rows = [len(w.draft_token_ids) + 1 for w in windows]
+    starts = [0, *itertools.accumulate(num_rows)]
     processed = process_logits(logits, row_contexts(windows))
     scores = processed.to(sampling_dtype(logits), copy=True) if want_scores else None
     # max propagates NaN and +inf from the model; -inf means processing left no token.

@@ -141,6 +141,18 @@ class BlockManager:
                 self._hash_of[table[i]] = key
 
     # ---- updates -------------------------------------------------------------------------------------------
+    def try_grow(self, seq_id: int, new_length: int) -> bool:
+        """``grow`` if the free blocks allow it; False (nothing changed) if not."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length:  # room in the last block
+            if new_length > self.lengths[seq_id]:
+                self.lengths[seq_id] = new_length
+            return True
+        if self.num_new_blocks_needed(seq_id, new_length) > self.num_free_blocks:
+            return False
+        self.grow(seq_id, new_length)
+        return True
+
     def grow(self, seq_id: int, new_length: int) -> None:
         """Make room for ``new_length`` tokens (allocating the sequence on first use); sets its length."""
         table = self.block_tables.get(seq_id)

@@ -27,9 +27,10 @@ from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
-from cospec.engine.sequence import RequestOutput, Sequence, TokenLogprob
+from cospec.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+_NO_DRAFT = Draft([])  # shared by every window without drafts (never modified)
 
 
 class LLMEngine:
@@ -246,14 +247,15 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(self._draft_lengths())
         if not scheduled:
             return []
-        windows = [s for s in scheduled if self._completes(s)]  # sequences that emit tokens this step
+        # Sequences that emit tokens this step: those whose last token this step feeds.
+        windows = [s for s in scheduled if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
         drafts = self._propose(windows)
         draft_of = {s.seq.seq_id: d.token_ids for s, d in zip(windows, drafts) if d.token_ids}
         items = []
         for s in scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             draft = draft_of.get(seq.seq_id, [])
-            num_logits = len(draft) + 1 if start + s.num_new_tokens == seq.num_tokens else 0
+            num_logits = len(draft) + 1 if start + s.num_new_tokens == len(seq.token_ids) else 0
             embeds = None if seq.prompt_embeds is None else seq.prompt_embeds_for(start, s.num_new_tokens)
             items.append(ForwardItem(seq.seq_id, seq.token_ids[start: start + s.num_new_tokens] + draft, start,
                                      num_logits, embeds))
@@ -266,22 +268,22 @@ class LLMEngine:
         if self.draft_policy is not None:
             self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
+        computed_before = [s.seq.num_computed_tokens for s in scheduled]
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
         outputs = [out for out in outputs if out is not None]
-        for s in scheduled:
-            if not s.seq.is_finished:  # (finished ones offered theirs when released)
-                self.scheduler.cache_computed(s.seq)  # rejected drafts are truncated by now: accepted tokens only
-                if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
-                    self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
+        block_size = self.block_manager.block_size
+        for s, before in zip(scheduled, computed_before):
+            seq = s.seq
+            if seq.status is SequenceStatus.FINISHED:  # (finished ones offered theirs when released)
+                continue
+            if seq.num_computed_tokens // block_size > before // block_size:  # a block filled up
+                self.scheduler.cache_computed(seq)  # rejected drafts are truncated by now: accepted tokens only
+            if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
+                self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
         return outputs
-
-    @staticmethod
-    def _completes(s: ScheduledSeq) -> bool:
-        """Whether this step feeds the sequence's last token (so its next token can be sampled)."""
-        return s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
 
     def _draft_lengths(self) -> dict[int, int]:
         if self.draft_policy is None:
@@ -293,7 +295,7 @@ class LLMEngine:
     def _propose(self, windows: list[ScheduledSeq]) -> list[Draft]:
         """Drafts for each emitting sequence (empty without speculation or where k = 0)."""
         if self.proposer is None or not any(s.num_draft_tokens for s in windows):
-            return [Draft([]) for _ in windows]
+            return [_NO_DRAFT] * len(windows)
         start = time.perf_counter()
         # Self-speculation's draft is the target's first layers: it reads prompts given as embeddings too.
         reads_embeds = self.speculative.method == "self_spec"

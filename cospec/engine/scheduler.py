@@ -87,8 +87,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         # Decoding sequences first, then those still prefilling; each in admission order.
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        decoding = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
         for seq in decoding:
             if seq.status != SequenceStatus.RUNNING or budget <= 0:
                 continue  # preempted by an earlier sequence of this loop, or no budget left
@@ -179,14 +179,13 @@ class Scheduler:
         """Grow ``seq``'s blocks to ``new_length``, preempting the newest sequences not yet scheduled this step if
         needed. False if ``seq`` itself had to be preempted."""
         taken = None  # built only when someone must be preempted: per sequence it would make a step O(batch^2)
-        while not self.block_manager.can_grow(seq.seq_id, new_length):
+        while not self.block_manager.try_grow(seq.seq_id, new_length):
             if taken is None:
                 taken = {s.seq.seq_id for s in scheduled}
             victim = next(s for s in reversed(self.running) if s.seq_id not in taken)
             self.preempt(victim)
             if victim is seq:
                 return False
-        self.block_manager.grow(seq.seq_id, new_length)
         return True
 
     def cache_computed(self, seq: Sequence) -> None:
