@@ -3,6 +3,7 @@ tests that reach inside the server: fault injection, a blocked tokenizer)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -57,3 +58,29 @@ class InProcessServer:
     def __exit__(self, *exc) -> None:
         self._uvicorn.should_exit = True
         self._thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def served_in_process(model_dir, options):
+    """``InProcessServer`` over a fresh engine on the tiny model at ``model_dir`` (8 sequences, 512-token context)."""
+    from cospec.engine.config import EngineConfig
+    from cospec.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(str(model_dir), EngineConfig(max_num_seqs=8, max_model_len=512))
+    with InProcessServer(engine, options) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def offline_llm(model_dir):
+    """The offline reference the servers' answers are checked against (one thread, one sequence at a time)."""
+    import torch
+
+    import cospec
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield cospec.LLM(str(model_dir), max_num_seqs=1)
+    finally:
+        torch.set_num_threads(previous)

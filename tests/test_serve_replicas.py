@@ -14,13 +14,12 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import cospec
 
 pytest.importorskip("ray.serve")
 
-from _serving import served_model_dir  # noqa: E402
+from _serving import offline_llm, served_model_dir  # noqa: E402
 from benchmarks.bench_serve import ServerProcess  # noqa: E402
 
 STARTUP_TIMEOUT_S = 240
@@ -49,10 +48,8 @@ def deployment(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield cospec.LLM(str(model_dir), max_num_seqs=1)
-    torch.set_num_threads(previous)
+    with offline_llm(model_dir) as reference:
+        yield reference
 
 
 def _client(deployment) -> openai.OpenAI:

@@ -13,11 +13,10 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import cospec
 
-from _serving import CONTEXT, SENTENCES, served_model_dir
+from _serving import CONTEXT, SENTENCES, offline_llm, served_model_dir
 from benchmarks.bench_serve import ServerProcess
 
 API_KEY = "test-key-123"
@@ -68,10 +67,8 @@ def server(servers):
 @pytest.fixture(scope="module")
 def llm(model_dir):
     """The offline reference."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield cospec.LLM(str(model_dir), max_num_seqs=1)
-    torch.set_num_threads(previous)
+    with offline_llm(model_dir) as reference:
+        yield reference
 
 
 def _offline(llm, prompt: str, max_tokens: int, chat: bool, **params) -> cospec.RequestOutput:

@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from _serving import InProcessServer, served_model_dir
+from _serving import served_in_process, served_model_dir
 
 API_KEY = "clé-секрет-鍵"  # non-ASCII: clients send its UTF-8 bytes
 AUTH = {"Authorization": b"Bearer " + API_KEY.encode("utf-8")}
@@ -26,12 +26,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    from cospec.engine.config import EngineConfig
-    from cospec.engine.llm_engine import LLMEngine
     from cospec.serving.app import ServeOptions
 
-    engine = LLMEngine(str(model_dir), EngineConfig(max_num_seqs=8, max_model_len=512))
-    with InProcessServer(engine, ServeOptions("tiny", api_key=API_KEY, max_tokens_limit=64)) as server:
+    with served_in_process(model_dir, ServeOptions("tiny", api_key=API_KEY, max_tokens_limit=64)) as server:
         yield server
 
 

@@ -12,7 +12,7 @@ import torch
 
 import cospec
 
-from _serving import InProcessServer, served_model_dir
+from _serving import InProcessServer, served_in_process, served_model_dir
 
 MODEL = "tiny"
 
@@ -24,12 +24,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    from cospec.engine.config import EngineConfig
-    from cospec.engine.llm_engine import LLMEngine
     from cospec.serving.app import ServeOptions
 
-    engine = LLMEngine(str(model_dir), EngineConfig(max_num_seqs=8, max_model_len=512))
-    with InProcessServer(engine, ServeOptions(MODEL, max_tokens_limit=64)) as server:
+    with served_in_process(model_dir, ServeOptions(MODEL, max_tokens_limit=64)) as server:
         yield server
 
 
