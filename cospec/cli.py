@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
-from importlib import metadata
 
 EXIT_USAGE = 2
 
@@ -65,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)")
-    from cospec.engine.server import add_serve_arguments  # starlette/uvicorn load only in serve_main
+    from cospec.serving.main import add_serve_arguments  # starlette/uvicorn load only in serve_main
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
@@ -77,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_draft_arguments(train)
     train.set_defaults(run=_train_draft)
 
-    info = commands.add_parser("info", help="print versions, the device and the kernel backends")
+    info = commands.add_parser("info", help="print versions, the device, the kernel backends and stored CPU row plans")
     info.set_defaults(run=_info)
     return parser
 
@@ -179,7 +177,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cospec.engine.server import serve_main
+    from cospec.serving.main import serve_main
 
     _quiet_transformers()
     return serve_main(args)
@@ -208,52 +206,33 @@ def _stream(text: str, printed: str, finished: bool) -> str:
     return text
 
 
-# ---- info --------------------------------------------------------------------------------------------------
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, str]:
-    """Versions, the device and the kernel backends, as ``cospec info`` prints them (benchmarks record it too)."""
-    import torch
-
-    import cospec
-    from cospec.kernels import backend_name
-
-    return {
-        "cospec": cospec.__version__,
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "threads": str(torch.get_num_threads()),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
-        "kernels (cpu)": backend_name("cpu"),
-        "kernels (cuda)": backend_name("cuda"),
-    }
-
-
+# ---- info ----------------------------------------------------------------------------------------------
 def _info(args: argparse.Namespace) -> int:
+    from cospec.engine.cpu_plans import plans_dir, stored_plans
+    from cospec.environment import environment
+
     rows = environment()
+    plans = stored_plans()
+    rows["cpu row plans"] = f"{plans_dir()} ({len(plans)} stored)"
     width = max(map(len, rows))
     for name, value in rows.items():
         print(f"{name:<{width}}  {value}")
+    for entry in plans:
+        print("\n".join(f"  {line}" for line in _plan_lines(entry)))
     return 0
+
+
+def _plan_lines(entry: dict) -> list[str]:
+    """A stored row plan in two lines: its key and measurement, then its paths by row count."""
+    if "error" in entry:
+        return [f"{entry['file'].name}: unreadable ({entry['error']}); it is measured again when needed"]
+    key, measured = entry["key"], entry["measured"]
+    shapes = [f"{out_features}x{in_features}" for out_features, in_features, _ in key["weights"]]
+    dtypes = "/".join(sorted({dtype for *_, dtype in key["weights"]}))
+    shown = ", ".join(shapes[:6]) + (f" and {len(shapes) - 6} more" if len(shapes) > 6 else "")
+    return [f"{key['threads']} thread(s), weights {shown} {dtypes}, torch {key['torch']}, {key['isa']}, {key['cpu']}; "
+            f"measured {measured.get('at', '?')} in {measured.get('seconds', '?')} s",
+            f"  rows {entry['plan'].describe()}"]
 
 
 if __name__ == "__main__":

@@ -108,3 +108,25 @@ def save_tiny_llama_dir(path, sentences: list[str], context: int = 128, chat_tem
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A BPE tokenizer of exactly ``vocab_size`` tokens (ids 0-2: <pad>, <s>, </s>), trained in memory on random
+    two-letter words, for the tiny models' vocabulary: what stop strings need (token strings that join into text)."""
+    import itertools
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = ["".join(pair) for pair in itertools.product("abcdefghijkl", repeat=2)]
+    generator = torch.Generator().manual_seed(0)
+    corpus = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=generator).tolist())
+              for _ in range(200)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"])
+    backend.train_from_iterator(corpus, trainer)
+    assert backend.get_vocab_size() == vocab_size
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")

@@ -113,7 +113,7 @@ def test_drafts_equal_the_training_time_test(target_and_head):
     prompt = random_prompt(13, VOCAB, seed=5, low=4)
     engine.add_request("r", prompt, SamplingParams(max_tokens=8, temperature=0))
     engine.step()  # prefill; the head receives the target's states of the 13 prompt positions
-    seq = engine._requests["r"]
+    seq, = engine._requests["r"]
     tokens = list(seq.token_ids)  # the prompt and the first token
     engine.block_manager.grow(seq.seq_id, len(tokens) + 5)  # room for the drafts, as the scheduler makes
     drafts = engine.proposer.propose([DraftRequest(seq.seq_id, tokens, 5)])[0].token_ids
@@ -308,3 +308,23 @@ def test_default_head_is_found_where_train_draft_puts_it(target_and_head, tmp_pa
     save_head(head, default_draft_head_dir("tiny-llama"))
     engine = LLMEngine(target, speculative=SpeculativeConfig("eagle3", draft_head="default"))
     assert isinstance(engine.proposer, Eagle3Proposer)
+
+
+def test_a_head_with_prefix_caching_prefills_in_full_and_keeps_drafting(target_and_head):
+    """A prefix served from the cache has no target states for the head, so a sequence under a head reuses none of it
+    (``max_reusable_prefix``): it prefills in full and drafts as usual, with the same output as plain decoding."""
+    target, head = target_and_head
+    shared = random_prompt(17, VOCAB, seed=50, low=4)
+    prompts = [shared + random_prompt(3, VOCAB, seed=60 + i, low=4) for i in range(4)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain = _run(LLMEngine(target, EngineConfig(block_size=4)), prompts, [params] * len(prompts))
+    engine = LLMEngine(target, EngineConfig(block_size=4, enable_prefix_caching=True), speculative=SpeculativeConfig(
+        "eagle3", num_draft_tokens=4, draft_head=head, adaptive=False))
+    first = _run(engine, prompts[:1], [params])  # fills the prefix cache
+    rest = _run(engine, prompts[1:], [params] * 3)
+    for a, b in zip(plain, first + rest):
+        assert a.output_token_ids == b.output_token_ids
+    for out in rest:
+        assert out.stats.num_cached_prompt_tokens == 0
+        assert out.stats.num_drafted_tokens > 0  # the head drafts for it
+    assert sum(out.stats.num_accepted_tokens for out in rest) > 0

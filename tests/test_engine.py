@@ -176,14 +176,14 @@ def test_abort_frees_blocks_at_once_and_others_continue(model):
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
     engine.step()  # r0 prefills its first chunk of 24 tokens; the others wait
-    seq = engine._requests["r0"]
+    seq = engine._requests["r0"][0]  # its only sample
     assert seq.num_computed_tokens == 24 and len(bm.block_tables[seq.seq_id]) == 6
     free_before = bm.num_free_blocks
     engine.abort("r0")  # mid-prefill
     assert seq.seq_id not in bm.block_tables and bm.num_free_blocks == free_before + 6
     for _ in range(4):
         engine.step()
-    seq = engine._requests["r1"]
+    seq = engine._requests["r1"][0]
     held = len(bm.block_tables[seq.seq_id])
     assert held > 0
     free_before = bm.num_free_blocks

@@ -189,7 +189,7 @@ def test_sampling_follows_torch_manual_seed(llama, batch):
 
 
 @pytest.mark.parametrize("argument, value", [("foo", 1), ("num_beams", 2), ("typical_p", 0.5),
-                                             ("output_scores", True)])
+                                             ("output_attentions", True)])
 def test_unsupported_arguments_raise_naming_them(llama, batch, argument, value):
     input_ids, attention_mask = batch
     with pytest.raises(cospec.UnsupportedArgumentError, match=argument):

@@ -172,3 +172,19 @@ def test_proposer_interface_takes_draft_requests():
         [DraftRequest(0, [1, 2, 3, 1, 2], 3), DraftRequest(1, [4, 5, 6], 2), DraftRequest(2, [7, 7, 7], 0)])
     assert [d.token_ids for d in drafts] == [[3, 1, 2], [], []]
     assert all(d.probs is None for d in drafts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch=st.lists(st.tuples(st.lists(st.integers(0, 4), max_size=40), st.integers(0, 8)), min_size=1, max_size=8),
+    max_n=st.integers(1, 4),
+    min_n=st.integers(1, 4),
+)
+def test_batched_lookup_equals_lookup_one_sequence_at_a_time(batch, max_n, min_n):
+    """The batched matcher the proposer runs gives each sequence exactly its own find_ngram_draft."""
+    from cospec.decoding.prompt_lookup import batched_ngram_drafts
+
+    min_n = min(min_n, max_n)
+    drafts = batched_ngram_drafts([tokens for tokens, _ in batch], [k for _, k in batch], max_n, min_n)
+    for (tokens, k), draft in zip(batch, drafts):
+        assert draft == find_ngram_draft(_ids(*tokens), k, max_n, min_n).tolist()

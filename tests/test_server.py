@@ -13,35 +13,21 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import cospec
 
-from _tiny_models import save_tiny_llama_dir
+from _serving import CONTEXT, SENTENCES, offline_llm, served_model_dir
 from benchmarks.bench_serve import ServerProcess
 
-SENTENCES = [
-    "the cat sat on the mat and the dog sat on the rug",
-    "a dog ran in the park with a ball",
-    "the sun is warm and the sky is blue today",
-    "we write code and tests every day",
-    "system user assistant : hello how are you",
-]
-CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
 API_KEY = "test-key-123"
 MAX_TOKENS_LIMIT = 4000
 MAX_REQUEST_BYTES = 65536
-CONTEXT = 4096
 STARTUP_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A float32 tiny random Llama and a word-level tokenizer (trained in memory) with a chat template and eos.
-    Peaked next-token distributions (logits x 8): float32 rounding across batch shapes never flips the argmax."""
-    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama-served"), SENTENCES, context=CONTEXT,
-                               chat_template=CHAT_TEMPLATE, logit_scale=8.0)
+    return served_model_dir(tmp_path_factory.mktemp("tiny-llama-served"))
 
 
 def _server(model_dir, log_path, *flags: str) -> ServerProcess:
@@ -81,10 +67,8 @@ def server(servers):
 @pytest.fixture(scope="module")
 def llm(model_dir):
     """The offline reference."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield cospec.LLM(str(model_dir), max_num_seqs=1)
-    torch.set_num_threads(previous)
+    with offline_llm(model_dir) as reference:
+        yield reference
 
 
 def _offline(llm, prompt: str, max_tokens: int, chat: bool, **params) -> cospec.RequestOutput:
@@ -254,13 +238,13 @@ def _bad_requests(model: str) -> list:
         ("/v1/completions", ok | {"top_k": 1.5}, 400, "top_k"),
         ("/v1/completions", ok | {"min_p": 2}, 400, "min_p"),
         ("/v1/completions", ok | {"seed": "x"}, 400, "seed"),
-        ("/v1/completions", ok | {"n": 2}, 400, "n"),
+        ("/v1/completions", ok | {"n": 0}, 400, "n"),
         ("/v1/completions", ok | {"stream": "yes"}, 400, "stream"),
         ("/v1/completions", ok | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ("/v1/completions", ok | {"stop": ""}, 400, "stop"),
         ("/v1/completions", ok | {"stop": 5}, 400, "stop"),
-        ("/v1/completions", ok | {"logprobs": 5}, 400, "logprobs"),
-        ("/v1/completions", ok | {"frequency_penalty": 1.0}, 400, "frequency_penalty"),
+        ("/v1/completions", ok | {"logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", ok | {"frequency_penalty": 2.5}, 400, "frequency_penalty"),
         ("/v1/completions", ok | {"no_such_param": 1}, 400, "no_such_param"),
         ("/v1/completions", ok | {"prompt": 5}, 400, "prompt"),
         ("/v1/completions", ok | {"prompt": ["a", "b"]}, 400, "prompt"),
@@ -299,8 +283,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, model_dir):
     # The official client raises its typed errors for them.
     with pytest.raises(openai.NotFoundError):
         _client(server).completions.create(model="gpt-4", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        _client(server).completions.create(model=model, prompt="x", max_tokens=2, n=3)
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        _client(server).completions.create(model=model, prompt="x", max_tokens=2, n=0)
 
 
 # ---- the speculative server: API key, backpressure, identical greedy output -------------------------------------
@@ -331,6 +315,15 @@ def test_speculation_gives_identical_greedy_outputs(servers, model_dir, llm):
     metrics = spec.metrics(Authorization=f"Bearer {API_KEY}")
     assert metrics["cospec_spec_draft_tokens_total"] > 0, "prompt lookup should have drafted on these prompts"
     assert 0 <= metrics["cospec_spec_acceptance_rate"] <= 1
+    # Each accepted draft token was accepted at exactly one draft position.
+    per_position = {k: v for k, v in metrics.items()
+                    if k.startswith("cospec_spec_accepted_tokens_per_position_total{")}
+    assert sum(per_position.values()) == metrics["cospec_spec_accepted_tokens_total"] > 0
+    assert per_position['cospec_spec_accepted_tokens_per_position_total{position="1"}'] == max(per_position.values())
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                      "request_queue_time_seconds"):
+        assert metrics[f"cospec_{histogram}_count"] >= 6, histogram
+        assert metrics[f'cospec_{histogram}_bucket{{le="+Inf"}}'] == metrics[f"cospec_{histogram}_count"]
 
 
 def test_full_queue_gets_429_with_retry_after(servers, model_dir):
@@ -358,3 +351,59 @@ def test_full_queue_gets_429_with_retry_after(servers, model_dir):
                           json={"model": _model(model_dir), "prompt": "the cat", "max_tokens": 3})
     assert response.status_code == 200
     assert json.loads(response.text)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ---- shutdown ----------------------------------------------------------------------------------------------
+def test_sigterm_drains_then_ends_every_stream(model_dir, tmp_path):
+    """16 streams run; SIGTERM. New requests get 503 at once; each stream ends with either its full output or an
+    error event, then [DONE]; the process exits. Long streams (3000 tokens) cannot finish within the 3 s drain."""
+    import signal
+
+    server = _server(model_dir, tmp_path / "drain.log", "--drain-timeout", "3")
+    _wait_ready(server)
+    lengths = [40] * 8 + [3000] * 8
+    started = asyncio.Semaphore(0)
+
+    async def one(http: httpx.AsyncClient, max_tokens: int) -> list[str]:
+        body = {"model": _model(model_dir), "prompt": "the cat sat", "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    if len(events) == 1:
+                        started.release()
+        return events
+
+    async def run() -> tuple[list[list[str]], int, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            streams = [asyncio.create_task(one(http, n)) for n in lengths]
+            for _ in lengths:
+                await asyncio.wait_for(started.acquire(), 60)
+            server.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            refused = await http.post("/v1/completions", json={"model": _model(model_dir), "prompt": "the cat",
+                                                                 "max_tokens": 2})
+            health = await http.get("/health")
+            return await asyncio.gather(*streams), refused.status_code, health.status_code
+
+    try:
+        results, refused, health = asyncio.run(run())
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+    assert refused == 503 and health == 503
+    outcomes = []
+    for max_tokens, events in zip(lengths, results):
+        assert events[-1] == "[DONE]", events[-3:]
+        last = json.loads(events[-2])
+        if "error" in last:
+            assert last["error"]["code"] == "shutting_down"
+            outcomes.append("cut")
+        else:  # the full output: the usage chunk after the finish chunk
+            assert last["usage"]["completion_tokens"] == max_tokens
+            assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
+            outcomes.append("full")
+    assert outcomes[8:] == ["cut"] * 8, outcomes

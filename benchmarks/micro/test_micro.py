@@ -10,7 +10,9 @@ from cospec.decoding.draft_length import DraftLengthPolicy
 from cospec.decoding.fusion import FusionSpec, fusion_tensors
 from cospec.decoding.ngram_model import NgramLM
 from cospec.decoding.prompt_lookup import find_ngram_draft
-from cospec.kernels import fuse_sample_kernel, rejection_sample_kernel, store_kv_kernel, verify_greedy_kernel
+from benchmarks.gpu_kernel_check import paged_batch
+from cospec.kernels import (fuse_sample_kernel, paged_attention_kernel, rejection_sample_kernel, store_kv_kernel,
+                            verify_greedy_kernel)
 
 VOCAB = 49152  # SmolLM2's
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -22,8 +24,8 @@ def _impl(device, impl, module, name):
         pytest.skip("Triton runs compiled only on CUDA (the interpreter is for correctness, not speed)")
     fn = getattr(module, name if impl == "triton" else f"{name}_ref")
     if device == "cuda":
-        def timed(*args):
-            out = fn(*args)
+        def timed(*args, **kwargs):
+            out = fn(*args, **kwargs)
             torch.cuda.synchronize()
             return out
         return timed
@@ -77,6 +79,39 @@ def test_fuse_sample(benchmark, device, impl):
     noise = torch.empty(8, VOCAB, device=device).exponential_()
     benchmark(_impl(device, impl, fuse_sample_kernel, "fuse_sample"), logits, params.weights, temperature, noise,
               params.plausibility_alpha, params.is_mixture)
+
+
+_PAGED_SHAPES = {  # name: (num_seqs, q_len, seq_len); Llama-8B-like heads (32 query, 8 KV, dim 128) on CUDA
+    "decode-64x2k": (64, 1, 2048),
+    "verify8-64x2k": (64, 8, 2048),
+    "decode-1x16k": (1, 1, 16384),  # split-K
+    "prefill-2x1k": (2, 1024, 1024),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(_PAGED_SHAPES))
+def test_paged_attention(benchmark, device, impl, shape):
+    """One layer's attention: the Triton kernel reading pages in place against the reference's gather + SDPA
+    (with its gather indices prebuilt, as the engine shares them across layers). bfloat16 on CUDA; on the CPU
+    the reference alone, at 1/8 of the context and a quarter of the heads."""
+    num_seqs, q_len, seq_len = _PAGED_SHAPES[shape]
+    heads, kv_heads, dim, dtype = (32, 8, 128, torch.bfloat16) if device == "cuda" else (8, 2, 128, torch.float32)
+    if device != "cuda":
+        q_len, seq_len = min(q_len, seq_len // 8), seq_len // 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    query, k_pool, v_pool, tables, lens, qsl = paged_batch([q_len] * num_seqs, [seq_len] * num_seqs, heads, kv_heads,
+                                                           dim, 16, dtype, gen)
+    args = (query, k_pool, v_pool, tables, lens, qsl, 16)
+    run = _impl(device, impl, paged_attention_kernel, "paged_attention")
+    if impl == "reference":
+        layout = paged_attention_kernel.GatherLayout(tables, lens, qsl, 16, q_len, seq_len, query.shape[0])
+        kwargs = {"layout": layout}
+    else:
+        kwargs = {"max_kv_len": seq_len}
+    run(*args, **kwargs)  # untimed: compiles the kernel, builds the layout's indices
+    benchmark(run, *args, **kwargs)
 
 
 @pytest.mark.parametrize("context", [512, 4000])

@@ -43,6 +43,11 @@ class Eagle3Proposer:
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
 
+    def max_reusable_prefix(self, num_matched_tokens: int) -> int:
+        """None of a cached prefix: the head needs the target's hidden states of every position, which a prefix
+        served from the cache never computed (so a sequence under a head prefills in full)."""
+        return 0
+
     @torch.inference_mode()
     def add_target_states(
         self,

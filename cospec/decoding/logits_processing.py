@@ -16,8 +16,9 @@ position that verifies it and speculation stays exact. Steps, in this order (Hug
 7. ``logits_processors``: the user's HF-style processors, called as ``processor(input_ids [1, L], scores [1, V])``.
 
 Terms: the *context* of a row is what HF's processors see as ``input_ids``: ``context_prefix`` (what HF would also
-have in ``input_ids``, e.g. left padding in ``generate()``), the prompt, the output so far, and the drafts before
-the row's position.
+have in ``input_ids``; the engine puts there the prompt as HF's ``input_ids`` holds it when that differs from what
+the model reads, e.g. with ``generate()``'s padding, and then gives only the output as ``token_ids``), the prompt,
+the output so far, and the drafts before the row's position.
 """
 
 from __future__ import annotations

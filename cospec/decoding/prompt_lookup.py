@@ -19,6 +19,9 @@ A match may overlap the pattern, so a run like ``a a a a`` drafts more ``a`` tok
 
 from __future__ import annotations
 
+import array
+import itertools
+
 import torch
 
 from cospec.decoding.protocols import Draft, DraftRequest
@@ -83,9 +86,9 @@ class PromptLookupProposer:
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """The ``Proposer`` interface: one draft (possibly shorter than asked, or empty) per request."""
-        drafts = self.propose_tensors([torch.tensor(r.token_ids, dtype=torch.int64) for r in requests],
-                                      [r.num_draft_tokens for r in requests])
-        return [Draft(d.tolist()) for d in drafts]
+        return [Draft(d) for d in batched_ngram_drafts([r.token_ids for r in requests],
+                                                       [r.num_draft_tokens for r in requests],
+                                                       self.max_ngram_size, self.min_ngram_size)]
 
     def release(self, seq_id: int) -> None:
         """Stateless: nothing to forget."""
@@ -97,7 +100,44 @@ class PromptLookupProposer:
     ) -> list[torch.Tensor]:  # each [<= num_draft_tokens[i]] int64
         if len(sequences) != len(num_draft_tokens):
             raise ValueError(f"num_draft_tokens has {len(num_draft_tokens)} entries for {len(sequences)} sequences")
-        return [
-            find_ngram_draft(token_ids, k, self.max_ngram_size, self.min_ngram_size)
-            for token_ids, k in zip(sequences, num_draft_tokens)
-        ]
+        drafts = batched_ngram_drafts([s.tolist() for s in sequences], num_draft_tokens, self.max_ngram_size,
+                                      self.min_ngram_size)
+        return [torch.tensor(d, dtype=torch.int64) for d in drafts]
+
+
+def batched_ngram_drafts(
+    sequences: list[list[int]],
+    num_draft_tokens: list[int],
+    max_ngram_size: int = 3,
+    min_ngram_size: int = 1,
+) -> list[list[int]]:
+    """``find_ngram_draft`` for a batch at once: the sequences padded into one ``[batch, max_len]`` tensor, every
+    n-gram size matched for all of them in a few tensor ops (no per-sequence tensor work)."""
+    wanted = [i for i, k in enumerate(num_draft_tokens) if k > 0 and len(sequences[i]) > 1]
+    drafts: list[list[int]] = [[] for _ in sequences]
+    if not wanted:
+        return drafts
+    lengths = torch.tensor([len(sequences[i]) for i in wanted])  # [batch]
+    batch, width = len(wanted), int(lengths.max())
+    flat = torch.frombuffer(array.array("q", itertools.chain.from_iterable(sequences[i] for i in wanted)),
+                            dtype=torch.int64)
+    row = torch.repeat_interleave(torch.arange(batch), lengths)
+    column = torch.arange(flat.numel()) - (lengths.cumsum(0) - lengths)[row]
+    ids = torch.full((batch, width), -1, dtype=torch.int64)
+    ids[row, column] = flat
+    best_start = torch.full((batch,), -1, dtype=torch.int64)  # where the draft begins, for the longest n-gram found
+    for ngram_size in range(min(max_ngram_size, width - 1), min_ngram_size - 1, -1):
+        # Suffix n-gram of each row, and its windows in token_ids[:-1] (start i <= length - 1 - ngram_size).
+        suffix = ids.gather(1, (lengths - ngram_size).clamp(min=0)[:, None] + torch.arange(ngram_size))
+        num_windows = width - ngram_size
+        is_match = torch.ones(batch, num_windows, dtype=torch.bool)
+        for j in range(ngram_size):
+            is_match &= ids[:, j: j + num_windows] == suffix[:, j: j + 1]
+        is_match &= torch.arange(num_windows) < (lengths - ngram_size)[:, None]
+        first = is_match.to(torch.uint8).argmax(dim=1)  # the first maximal index
+        found = is_match.gather(1, first[:, None])[:, 0] & (best_start < 0) & (lengths > ngram_size)
+        best_start = torch.where(found, first + ngram_size, best_start)
+    for i, start, length in zip(wanted, best_start.tolist(), lengths.tolist()):
+        if start >= 0:
+            drafts[i] = sequences[i][start: min(start + num_draft_tokens[i], length)]
+    return drafts

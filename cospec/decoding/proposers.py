@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from cospec.decoding.prompt_lookup import PromptLookupProposer
-from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner
+from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner, embeds_rows
 from cospec.decoding.sampling import sample_draft_tokens
 
 __all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
@@ -67,7 +67,8 @@ class ModelDraftProposer:
             start = self.num_cached.get(r.seq_id, 0)
             feeds[i] = (r.token_ids[start:], start)
         while active:
-            items = [ForwardItem(requests[i].seq_id, feeds[i][0], feeds[i][1], 1) for i in active]
+            items = [ForwardItem(requests[i].seq_id, feeds[i][0], feeds[i][1], 1,
+                                 embeds_rows(requests[i].prompt_embeds, feeds[i][1], len(feeds[i][0]))) for i in active]
             logits = self.runner.forward(items)  # [len(active), vocab]
             tokens, probs = sample_draft_tokens(logits, [requests[i] for i in active],
                                                 [drafts[i].token_ids for i in active])

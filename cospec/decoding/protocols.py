@@ -19,6 +19,17 @@ class ForwardItem:
     token_ids: list[int]
     start_pos: int
     num_logits: int
+    embeds: torch.Tensor | None = None
+    """``[m, hidden_size]``, m <= len(token_ids): the model's input for the first m tokens instead of their token
+    embeddings (a prompt given as embeddings, Hugging Face's ``inputs_embeds``)."""
+
+
+def embeds_rows(prompt_embeds: torch.Tensor | None, start: int, num_tokens: int) -> torch.Tensor | None:
+    """The rows of ``prompt_embeds`` (``[k, hidden_size]``, positions 0..k-1) among positions ``start..start +
+    num_tokens - 1``, for ``ForwardItem.embeds``; None if there are none."""
+    if prompt_embeds is None or start >= prompt_embeds.shape[0]:
+        return None
+    return prompt_embeds[start: start + num_tokens]
 
 
 class Runner(Protocol):
@@ -54,6 +65,8 @@ class DraftRequest:
     num_output_tokens: int = 0
     coupled: bool = True
     context: RowContext | None = None
+    prompt_embeds: torch.Tensor | None = None  # [k, hidden_size]: the first k positions' input, for a draft that
+    # shares the target's embeddings (self-speculation); None: the draft reads token_ids
 
 
 @dataclass(slots=True)

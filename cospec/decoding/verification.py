@@ -21,6 +21,7 @@ touching the other requests.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -44,7 +45,7 @@ class Window:
 
     @property
     def num_rows(self) -> int:
-        return len(self.draft_token_ids) + 1
+        return len(self.draft_token_ids) + 1  # [last token, drafts]
 
 
 @dataclass(slots=True)
@@ -75,8 +76,8 @@ def verify(
 ) -> Verified:
     """Tokens each window emits this step: its accepted drafts, then one target token."""
     device, vocab_size = logits.device, logits.shape[-1]
-    num_rows = [w.num_rows for w in windows]
-    starts = _starts(windows)
+    num_rows = [len(w.draft_token_ids) + 1 for w in windows]
+    starts = [0, *itertools.accumulate(num_rows)]
     processed = process_logits(logits, row_contexts(windows))
     scores = processed.to(sampling_dtype(logits), copy=True) if want_scores else None
     # max propagates NaN and +inf from the model; -inf means processing left no token.
@@ -97,8 +98,10 @@ def verify(
         is_bad_row[rows] |= ~torch.isfinite(probs.sum(dim=-1))
         sampled_probs = dict(zip(sampled, probs.split([num_rows[i] for i in sampled])))
 
-    window_of_row = torch.repeat_interleave(torch.arange(len(windows)), torch.tensor(num_rows))
-    bad = set(window_of_row[is_bad_row.cpu()].tolist()) if bool(is_bad_row.any()) else set()
+    bad = set()
+    if bool(is_bad_row.any()):
+        window_of_row = torch.repeat_interleave(torch.arange(len(windows)), torch.tensor(num_rows))
+        bad = set(window_of_row[is_bad_row.cpu()].tolist())
     errors = [_error_message(processed[starts[i]: starts[i + 1]]) if i in bad else None for i in range(len(windows))]
     tokens: list[list[int]] = [[] for _ in windows]
     rejection = [i for i in sampled if i not in bad and windows[i].draft_probs is not None
@@ -143,7 +146,13 @@ def _error_message(window_logits: torch.Tensor) -> str:
 
 
 def _rows(starts: list[int], members: list[int], device) -> torch.Tensor:
-    return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members]).to(device)
+    """``[sum of the members' rows]`` int64: the rows of the windows ``members`` (ascending), in window order."""
+    if starts[-1] == len(starts) - 1:  # one row per window (plain decoding)
+        return torch.tensor(members, dtype=torch.int64, device=device)
+    num_rows = torch.tensor(starts).diff()
+    is_member = torch.zeros(len(num_rows), dtype=torch.bool)
+    is_member[members] = True
+    return is_member.repeat_interleave(num_rows).nonzero().squeeze(1).to(device)
 
 
 def _offsets(drafts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,4 +1,4 @@
-"""Paged KV-cache bookkeeping: which blocks of the pool each sequence owns.
+"""Paged KV-cache bookkeeping: which blocks of the pool each sequence owns, and which blocks hold a reusable prefix.
 
 Terms:
 - block: ``block_size`` consecutive slots of the KV pool; every model in the engine (target, draft) has its own
@@ -7,11 +7,21 @@ Terms:
   ``block_table[i // block_size] * block_size + i % block_size``.
 - length: how many tokens of the sequence have K/V in the cache. Truncation (the rollback that speculation needs)
   only lowers the length and returns blocks that became empty; nothing is copied.
+- prefix cache: a full block of accepted tokens is registered under a hash of its tokens and of every token before
+  it (the hash chains its parent block's hash, as in vLLM's ``kv_cache_utils``), so a later sequence that starts
+  with the same tokens takes the block into its own table instead of recomputing it. Blocks are reference-counted
+  (shared read-only: a sequence only writes past its cached prefix); a cached block that no sequence uses stays
+  reusable until memory is needed, and is then evicted least recently released first.
+
+Free blocks come in two kinds: empty ones (handed out first) and cached ones with no user (``_evictable``, in
+release order). Both count as free: taking one never fails while either kind is left.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 
 import torch
 
@@ -20,24 +30,45 @@ class OutOfBlocksError(RuntimeError):
     """Raised when an allocation asks for more free blocks than the pool has."""
 
 
+def block_hash(parent_hash: bytes, token_ids: list[int]) -> bytes:
+    """The prefix-cache key of a full block: SHA-256 of its parent block's key and its tokens. A cryptographic hash,
+    so two different prefixes never share a key in practice (a collision would serve one prompt another's K/V)."""
+    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        self._ref_counts = [0] * num_blocks
+        self._empty_blocks: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; least recently released first
+        self._cached: dict[bytes, int] = {}  # block hash -> block id
+        self._hash_of: dict[int, bytes] = {}  # block id -> its hash, for cached blocks
+        self._seq_hashes: dict[int, list[bytes]] = {}  # seq_id -> hashes of its full blocks registered so far
+        # Prefix-cache statistics, cumulative: tokens looked up at admission and tokens found cached.
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
 
     # ---- queries -------------------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Blocks no sequence uses: empty ones and cached ones that can be evicted."""
+        return len(self._empty_blocks) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_blocks)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache (in use or not)."""
+        return len(self._cached)
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -48,36 +79,151 @@ class BlockManager:
 
     def can_grow(self, seq_id: int, new_length: int, reserve: int = 0) -> bool:
         """Whether ``seq_id`` can be extended to ``new_length`` tokens leaving ``reserve`` blocks free."""
-        return self.num_new_blocks_needed(seq_id, new_length) + reserve <= len(self._free_blocks)
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length and not reserve:
+            return True  # the common case of a decode step: the last block has room
+        return self.num_new_blocks_needed(seq_id, new_length) + reserve <= self.num_free_blocks
+
+    # ---- prefix cache ----------------------------------------------------------------------------------------
+    def lookup(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Block ids holding the longest cached prefix of ``token_ids`` that is at most ``max_tokens`` tokens long
+        (whole blocks only). Looks only; ``allocate`` takes them."""
+        if not self.enable_prefix_caching:
+            return []
+        blocks, parent = [], b""
+        for i in range(min(max_tokens, len(token_ids)) // self.block_size):
+            parent = block_hash(parent, token_ids[i * self.block_size: (i + 1) * self.block_size])
+            block = self._cached.get(parent)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def can_allocate(self, prefix_blocks: list[int], num_tokens: int) -> bool:
+        """Whether a new sequence that reuses ``prefix_blocks`` fits ``num_tokens`` tokens: the blocks it still
+        needs, plus the cached ones it takes that nobody uses (they stop being free), must be free."""
+        taken_free = sum(self._ref_counts[b] == 0 for b in prefix_blocks)
+        needed = max(0, self.num_blocks_for(num_tokens) - len(prefix_blocks))
+        return needed + taken_free <= self.num_free_blocks
+
+    def allocate(self, seq_id: int, prefix_blocks: list[int], num_tokens: int, num_lookup_tokens: int = 0) -> None:
+        """Start ``seq_id`` on the cached ``prefix_blocks`` (from ``lookup``) with room for ``num_tokens`` tokens.
+        ``num_lookup_tokens`` (the sequence's length) is counted as looked up in the prefix-cache statistics."""
+        if seq_id in self.block_tables:
+            raise ValueError(f"sequence {seq_id} already has blocks")
+        if not self.can_allocate(prefix_blocks, num_tokens):
+            raise OutOfBlocksError(f"sequence {seq_id} needs more blocks than the {self.num_free_blocks} free")
+        for block in prefix_blocks:
+            self._take(block)
+        self.block_tables[seq_id] = list(prefix_blocks)
+        self.lengths[seq_id] = len(prefix_blocks) * self.block_size
+        self._seq_hashes[seq_id] = [self._hash_of[b] for b in prefix_blocks]
+        if self.enable_prefix_caching:
+            self.num_prefix_query_tokens += num_lookup_tokens
+            self.num_prefix_hit_tokens += len(prefix_blocks) * self.block_size
+        self.grow(seq_id, num_tokens)
+
+    def cache_blocks(self, seq_id: int, token_ids: list[int], num_tokens: int) -> None:
+        """Register the full blocks among the first ``num_tokens`` of ``token_ids`` (the sequence's tokens whose K/V
+        are computed and final: accepted, never a draft that may still be rejected) in the prefix cache."""
+        if not self.enable_prefix_caching or seq_id not in self.block_tables:
+            return
+        hashes = self._seq_hashes.setdefault(seq_id, [])
+        if len(hashes) >= num_tokens // self.block_size:  # no block filled up since the last call
+            return
+        table = self.block_tables[seq_id]
+        for i in range(len(hashes), min(num_tokens // self.block_size, len(table))):
+            key = block_hash(hashes[-1] if hashes else b"", token_ids[i * self.block_size: (i + 1) * self.block_size])
+            hashes.append(key)
+            # The same prefix computed twice (two sequences at once) stays cached once; the copy is a plain block.
+            if key not in self._cached:
+                self._cached[key] = table[i]
+                self._hash_of[table[i]] = key
 
     # ---- updates -------------------------------------------------------------------------------------------
+    def try_grow(self, seq_id: int, new_length: int) -> bool:
+        """``grow`` if the free blocks allow it; False (nothing changed) if not."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length:  # room in the last block
+            if new_length > self.lengths[seq_id]:
+                self.lengths[seq_id] = new_length
+            return True
+        if self.num_new_blocks_needed(seq_id, new_length) > self.num_free_blocks:
+            return False
+        self.grow(seq_id, new_length)
+        return True
+
     def grow(self, seq_id: int, new_length: int) -> None:
         """Make room for ``new_length`` tokens (allocating the sequence on first use); sets its length."""
+        table = self.block_tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= new_length:  # room in the last block
+            if new_length > self.lengths[seq_id]:
+                self.lengths[seq_id] = new_length
+            return
         needed = self.num_new_blocks_needed(seq_id, new_length)
-        if needed > len(self._free_blocks):
+        if needed > self.num_free_blocks:
             # Checked before the sequence is registered: a failed grow leaves no trace (no empty table behind).
-            raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {len(self._free_blocks)} are free")
+            raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {self.num_free_blocks} are free")
         table = self.block_tables.setdefault(seq_id, [])
         self.lengths.setdefault(seq_id, 0)
         for _ in range(needed):
-            table.append(self._free_blocks.popleft())
+            table.append(self._take_free())
         self.lengths[seq_id] = max(self.lengths[seq_id], new_length)
 
     def truncate(self, seq_id: int, new_length: int) -> None:
         """Drop the cached tokens past ``new_length`` (O(1) in tokens); frees blocks that became empty."""
-        if new_length < 0 or new_length > self.lengths[seq_id]:
-            raise ValueError(f"cannot truncate sequence {seq_id} of length {self.lengths[seq_id]} to {new_length}")
+        length = self.lengths[seq_id]
+        if new_length == length:
+            return
+        if new_length < 0 or new_length > length:
+            raise ValueError(f"cannot truncate sequence {seq_id} of length {length} to {new_length}")
         table = self.block_tables[seq_id]
         keep = self.num_blocks_for(new_length)
+        if new_length % self.block_size and table[keep - 1] in self._hash_of:
+            # The last kept block will be written again: it must leave the prefix cache, and nobody else may use it.
+            block = table[keep - 1]
+            if self._ref_counts[block] > 1:
+                raise ValueError(f"cannot truncate sequence {seq_id} to {new_length}: block {block} is a cached "
+                                 "prefix shared with other sequences")
+            del self._cached[self._hash_of.pop(block)]
         while len(table) > keep:
-            self._free_blocks.append(table.pop())
+            self._release(table.pop())
+        hashes = self._seq_hashes.get(seq_id)
+        if hashes is not None:
+            del hashes[new_length // self.block_size:]  # a block no longer full is no longer this sequence's prefix
         self.lengths[seq_id] = new_length
 
     def free(self, seq_id: int) -> None:
         table = self.block_tables.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
-        if table:
-            self._free_blocks.extend(reversed(table))
+        self._seq_hashes.pop(seq_id, None)
+        # Last block first: the tail of a sequence is the least likely to be shared, so it is evicted first.
+        for block in reversed(table or ()):
+            self._release(block)
+
+    def _take_free(self) -> int:
+        """A free block for new K/V: an empty one, else the least recently released cached one (evicted)."""
+        if self._empty_blocks:
+            block = self._empty_blocks.popleft()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+        self._ref_counts[block] = 1
+        return block
+
+    def _take(self, block: int) -> None:
+        """One more sequence uses the cached ``block``."""
+        if self._ref_counts[block] == 0:
+            del self._evictable[block]
+        self._ref_counts[block] += 1
+
+    def _release(self, block: int) -> None:
+        self._ref_counts[block] -= 1
+        if self._ref_counts[block] == 0:
+            if block in self._hash_of:
+                self._evictable[block] = None
+            else:
+                self._empty_blocks.append(block)
 
     # ---- slot arithmetic -----------------------------------------------------------------------------------
     def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SCHEDULING_POLICIES = ("fair", "fcfs")
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -20,12 +22,23 @@ class EngineConfig:
     max_model_len: int | None = None
     """Longest prompt + output; None takes the model's ``max_position_embeddings``."""
     fast_cpu_linear: bool = True
-    """On the CPU, run linear layers through the fastest of MKL's ``W @ x.T`` and oneDNN with prepacked weights for
-    each row count (measured once per process), instead of ``F.linear``: 1.5-3.5x faster for few rows here.
-    Numerically equivalent up to float rounding. See ``cospec.engine.cpu_linear``."""
+    """On the CPU, run linear layers through MKL's ``W @ x.T`` or oneDNN with prepacked weights where a row plan
+    (measured once per machine and model shape, kept on disk) found them faster than ``F.linear`` for the row count:
+    1.5-3.5x faster for few rows here; on one thread, with ``F.linear``, while other processes take the cores.
+    Numerically equivalent up to float rounding. See ``cospec.engine.cpu_linear``, ``cpu_plans``, ``cpu_threads``."""
     packed_cpu_weights: bool = True
     """With ``fast_cpu_linear``: allow oneDNN's prepacked copies of float32/bfloat16 weights where they are faster
     (3 or more rows here). They take as much memory again as the linear weights; False saves that memory."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix computed before (a system prompt, earlier turns of a conversation)
+    instead of recomputing them; see ``cospec.engine.block_manager``."""
+    scheduling_policy: str = "fair"
+    """'fair': decodes and new requests' first chunks go into every step, and prefills already running are cut so that
+    such a step costs at most about twice what those cost alone (a short request never waits for a long prompt to
+    finish prefilling). 'fcfs': running prefills take the step's budget first. See ``cospec.engine.scheduler``."""
+    fair_prefill_tokens: int | None = None
+    """With 'fair': how many tokens a running prefill may add to a step beyond its latency-sensitive work (the tokens
+    whose forward costs as much as a step's fixed cost). None: measured from the engine's step times."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -40,6 +53,13 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r}; choose one of "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
+        if self.fair_prefill_tokens is not None and (isinstance(self.fair_prefill_tokens, bool)
+                                                     or not isinstance(self.fair_prefill_tokens, int)
+                                                     or self.fair_prefill_tokens < 1):
+            raise ValueError(f"fair_prefill_tokens must be None or an integer >= 1, got {self.fair_prefill_tokens!r}")
 
 
 SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec", "ngram", "eagle3")

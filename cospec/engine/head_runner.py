@@ -17,9 +17,9 @@ class HeadRunner(ModelRunner):
     def forward(self, items, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft-vocabulary logits, output states) ``[sum(num_logits), ...]`` for ``states`` ``[num_tokens, H]``."""
         with torch.inference_mode():
-            inputs, meta = self._metadata(items)
+            inputs, meta = self.input_batch.prepare(items)
             self.cache.slot_mapping = meta.slot_mapping
-            with self._cospec_mode(), attention.step_context(meta, self.pool):
+            with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool):
                 out = self.model(inputs.input_ids[None], inputs.positions[None], states[None].to(self.pool.k[0].dtype),
                                  cache=self.cache)[0]
                 out = out.index_select(0, inputs.logit_rows)  # [num_logits, H]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -52,7 +53,9 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, chat: bool | None = None) -> list[RequestOutput]:
-        """Generate for a prompt or a list of prompts (strings or token-id lists); outputs in prompt order."""
+        """Generate for a prompt or a list of prompts (strings or token-id lists); outputs in prompt order, one per
+        sample: a prompt whose params have ``n > 1`` gives n consecutive outputs (``index`` 0..n-1, one request id),
+        as HF's ``num_return_sequences`` does."""
         if isinstance(prompts, str) or (isinstance(prompts, SequenceABC) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -60,6 +63,8 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+        # Outputs are collected when requests finish: the engine need not build one per request and step.
+        sampling_params = [dataclasses.replace(params or SamplingParams(), final_only=True) for params in sampling_params]
         ids = [self.encode(p, chat) if isinstance(p, str) else list(p) for p in prompts]
         request_ids = []
         for prompt_ids, params in zip(ids, sampling_params):
@@ -67,14 +72,14 @@ class LLM:
             self._counter += 1
             self.engine.add_request(request_id, prompt_ids, params)
             request_ids.append(request_id)
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(prompts), desc="cospec generate", disable=not use_tqdm) as bar:
+        done: dict[tuple[str, int], RequestOutput] = {}
+        with tqdm(total=sum(p.n for p in sampling_params), desc="cospec generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
-                        done[out.request_id] = out
+                        done[out.request_id, out.index] = out
                         bar.update()
-        outputs = [done[r] for r in request_ids]
+        outputs = [done[r, i] for r, params in zip(request_ids, sampling_params) for i in range(params.n)]
         if self.tokenizer is not None:
             for out in outputs:
                 out.text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)

@@ -30,9 +30,10 @@ from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.scheduler import ScheduledSeq, Scheduler
-from cospec.engine.sequence import RequestOutput, Sequence, TokenLogprob
+from cospec.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+_NO_DRAFT = Draft([])  # shared by every window without drafts (never modified)
 
 
 class LLMEngine:
@@ -66,7 +67,7 @@ class LLMEngine:
             kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
                                                draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
                                   packed_cpu_weights=config.packed_cpu_weights,
                                   capture_layers=draft_head.aux_layer_ids if draft_head is not None else None)
@@ -98,10 +99,16 @@ class LLMEngine:
                 self.proposer = ModelDraftProposer(draft_runner, speculative.draft_confidence,
                                                    keep_unconfident=speculative.deferral_threshold is None)
             self.draft_policy = DraftLengthPolicy(speculative.num_draft_tokens, speculative.adaptive,
-                                                  padded_tokens=self.runner.row_plan.rows_for)
+                                                  padded_tokens=self.runner.padded_rows)
             self.scheduler.release_hooks += [self.proposer.release, self.draft_policy.release]
+            # A proposer that cannot start on any cached prefix (it needs states of positions it has not seen)
+            # says how much of one it can reuse.
+            self.scheduler.max_reusable_prefix = getattr(self.proposer, "max_reusable_prefix", None)
+        # A draft model with a cache of its own rolls it back after verification (a drafting member's advances with
+        # the target's).
+        self._draft_rolls_back = isinstance(self.proposer, ModelDraftProposer) and not draft_is_member
         self._seq_ids = itertools.count()
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
 
     def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
         """The group's members as objects: HF models (loaded if given by name, vocabulary checked) or NgramLMs."""
@@ -163,17 +170,33 @@ class LLMEngine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    context_prefix: list[int] | None = None) -> None:
-        """Queue a request. Raises ValueError (naming the problem) for a request the engine cannot serve; the
-        engine and the other requests are unaffected. ``context_prefix``: tokens that logits processors and stopping
-        criteria see before the prompt, but the model does not (``generate()``'s left padding, as in HF)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int] | None, params: SamplingParams | None = None,
+                    processor_prompt: list[int] | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
+        """Queue a request (``params.n`` samples of the prompt, each output with its ``index``). Raises ValueError
+        (naming the problem) for a request the engine cannot serve; the engine and the other requests are
+        unaffected.
+
+        ``processor_prompt``: the prompt as logits processors and stopping criteria see it, where it differs from
+        what the model sees (``generate()``: HF's ``input_ids`` row, with its left padding and masked tokens).
+        ``prompt_embeds`` ``[k, hidden_size]``: the model's input at the first k prompt positions instead of those
+        tokens' embeddings (HF's ``inputs_embeds``, a soft prompt). With ``prompt_token_ids=None`` the prompt is
+        these k embeddings alone: processors then see no prompt (as in HF) and ``prompt_token_ids`` of the output
+        holds placeholders (0)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_embeds is not None:
+            prompt_embeds = self._check_prompt_embeds(prompt_embeds, prompt_token_ids)
+        if prompt_token_ids is None:
+            if prompt_embeds is None:
+                raise ValueError("a request needs prompt_token_ids, prompt_embeds or both")
+            prompt_token_ids = [0] * prompt_embeds.shape[0]
+            processor_prompt = [] if processor_prompt is None else processor_prompt
         prompt = _check_token_ids(prompt_token_ids, self.vocab_size)
+        if processor_prompt is not None:
+            processor_prompt = _check_token_ids(processor_prompt, self.vocab_size, allow_empty=True)
         if params.fusion is not None:
             if self.fusion is None:
                 raise ValueError("this request has a fusion spec, but the engine has no fusion group (fusion=...)")
@@ -198,53 +221,93 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
                 f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
-        seq = Sequence(next(self._seq_ids), request_id, prompt, params, self.eos_token_ids, context_prefix)
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        samples = [Sequence(next(self._seq_ids), request_id, prompt, params.for_sample(i), self.eos_token_ids,
+                            processor_prompt, prompt_embeds, index=i)
+                   for i in range(params.n)]
+        self._requests[request_id] = samples
+        for seq in samples:  # the first computes the prompt; the others wait for it and start on its cached blocks
+            seq.max_num_tokens = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
+            self.scheduler.add(seq)
+
+    def _check_prompt_embeds(self, prompt_embeds, prompt_token_ids) -> torch.Tensor:
+        """``prompt_embeds`` on the model's device and dtype, or ValueError naming what is wrong with them."""
+        hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 2 \
+                or prompt_embeds.shape[1] != hidden_size or not prompt_embeds.is_floating_point():
+            shape = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds)
+            raise ValueError(f"prompt_embeds must be a float tensor [num_tokens, {hidden_size}] (the model's hidden "
+                             f"size), got {shape}")
+        num_rows = prompt_embeds.shape[0]
+        if num_rows == 0 or (prompt_token_ids is not None and num_rows > len(prompt_token_ids)):
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows; give 1 to len(prompt_token_ids) rows")
+        if self.fusion is not None:
+            raise ValueError("prompt_embeds cannot be used with fusion: the members cannot read the target's "
+                             "embeddings")
+        if prompt_token_ids is None and self.speculative is not None and self.speculative.method == "draft":
+            raise ValueError("a draft model cannot read a prompt given only as embeddings (give the prompt's token "
+                             "ids too, or use prompt lookup or self-speculation)")
+        weight = self.model.get_input_embeddings().weight
+        return prompt_embeds.detach().to(device=weight.device, dtype=weight.dtype)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks at once (unknown or finished ids are ignored)."""
-        seq = self._requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+        """Stop a request (all its samples) and free its KV blocks at once (unknown or finished ids are ignored)."""
+        for seq in self._requests.pop(request_id, ()):
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return self.scheduler.num_unfinished
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return the requests that got new tokens (finished ones included)."""
+        """Run one scheduled forward; return the requests that got new tokens (finished ones included; requests
+        with ``final_only`` only when they finish)."""
         scheduled = self.scheduler.schedule(self._draft_lengths())
         if not scheduled:
             return []
-        windows = [s for s in scheduled if self._completes(s)]  # sequences that emit tokens this step
+        # Sequences that emit tokens this step: those whose last token this step feeds.
+        windows = [s for s in scheduled if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
         drafts = self._propose(windows)
-        items = [ForwardItem(s.seq.seq_id,
-                             s.seq.token_ids[s.seq.num_computed_tokens:][: s.num_new_tokens] + d.token_ids,
-                             s.seq.num_computed_tokens, len(d.token_ids) + 1 if self._completes(s) else 0)
-                 for s, d in zip(scheduled, self._drafts_for(scheduled, windows, drafts))]
+        draft_of = {s.seq.seq_id: d.token_ids for s, d in zip(windows, drafts) if d.token_ids}
+        items = []
+        for s in scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            draft = draft_of.get(seq.seq_id, [])
+            num_logits = len(draft) + 1 if start + s.num_new_tokens == len(seq.token_ids) else 0
+            embeds = None if seq.prompt_embeds is None else seq.prompt_embeds_for(start, s.num_new_tokens)
+            items.append(ForwardItem(seq.seq_id, seq.token_ids[start: start + s.num_new_tokens] + draft, start,
+                                     num_logits, embeds))
         start = time.perf_counter()
         logits = self.runner.forward(items)
         if self.members:
             logits = self._fuse(items, windows, drafts, logits)
+        num_tokens, seconds = sum(len(it.token_ids) for it in items), time.perf_counter() - start
+        self.scheduler.observe_step(num_tokens, seconds)
         if self.draft_policy is not None:
-            self.draft_policy.observe_forward(sum(len(it.token_ids) for it in items), time.perf_counter() - start)
+            self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
+        computed_before = [s.seq.num_computed_tokens for s in scheduled]
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
+        outputs = [out for out in outputs if out is not None]
         if isinstance(self.proposer, Eagle3Proposer):
             self._hand_over_target_states(scheduled, items)
-        if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
-            for s in scheduled:
-                if not s.seq.is_finished:
-                    self.proposer.mark_cached(s.seq.seq_id, s.seq.num_computed_tokens)
+        block_size = self.block_manager.block_size
+        for s, before in zip(scheduled, computed_before):
+            seq = s.seq
+            if seq.status is SequenceStatus.FINISHED:  # (finished ones offered theirs when released)
+                continue
+            if seq.num_computed_tokens // block_size > before // block_size:  # a block filled up
+                self.scheduler.cache_computed(seq)  # rejected drafts are truncated by now: accepted tokens only
+            if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
+                self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
         return outputs
 
     def _hand_over_target_states(self, scheduled: list[ScheduledSeq], items: list[ForwardItem]) -> None:
@@ -265,11 +328,6 @@ class LLMEngine:
             self.proposer.add_target_states(seq_ids, starts, self.runner.aux_hidden_states.index_select(0, index),
                                             counts)
 
-    @staticmethod
-    def _completes(s: ScheduledSeq) -> bool:
-        """Whether this step feeds the sequence's last token (so its next token can be sampled)."""
-        return s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
-
     def _draft_lengths(self) -> dict[int, int]:
         if self.draft_policy is None:
             return {}
@@ -280,10 +338,13 @@ class LLMEngine:
     def _propose(self, windows: list[ScheduledSeq]) -> list[Draft]:
         """Drafts for each emitting sequence (empty without speculation or where k = 0)."""
         if self.proposer is None or not any(s.num_draft_tokens for s in windows):
-            return [Draft([]) for _ in windows]
+            return [_NO_DRAFT] * len(windows)
         start = time.perf_counter()
+        # Self-speculation's draft is the target's first layers: it reads prompts given as embeddings too.
+        reads_embeds = self.speculative.method == "self_spec"
         requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params, s.seq.seed,
-                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context())
+                                 s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context(),
+                                 s.seq.prompt_embeds if reads_embeds else None)
                     for s in windows]
         drafts = self.proposer.propose(requests)
         # A draft never runs past the request's token limit or the context.
@@ -294,11 +355,6 @@ class LLMEngine:
                 d.probs = None if d.probs is None else d.probs[: len(d.token_ids)]
         self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - start)
         return drafts
-
-    @staticmethod
-    def _drafts_for(scheduled: list[ScheduledSeq], windows: list[ScheduledSeq], drafts: list[Draft]) -> list[Draft]:
-        by_seq = {s.seq.seq_id: d for s, d in zip(windows, drafts)}
-        return [by_seq.get(s.seq.seq_id, Draft([])) for s in scheduled]
 
     def _fuse(self, items: list[ForwardItem], windows: list[ScheduledSeq], drafts: list[Draft],
               target_logits: torch.Tensor) -> torch.Tensor:
@@ -325,7 +381,7 @@ class LLMEngine:
         return verify(logits, windows, want_scores)
 
     def _accept(self, seq: Sequence, draft: Draft, verified: Verified, index: int,
-                logits: torch.Tensor) -> RequestOutput:
+                logits: torch.Tensor) -> RequestOutput | None:
         """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
         tokens = verified.tokens[index]
         num_accepted = max(len(tokens) - 1, 0)
@@ -338,7 +394,7 @@ class LLMEngine:
             if len(stats.acceptance_histogram) <= len(draft.token_ids):
                 stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
             stats.acceptance_histogram[num_accepted] += 1
-        if isinstance(self.proposer, ModelDraftProposer) and not self._draft_runs_as_member:
+        if self._draft_rolls_back:
             self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
         if self.draft_policy is not None:
             self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
@@ -355,24 +411,25 @@ class LLMEngine:
             seq.logits += [logits[r].float() for r in rows]
         return self._append(seq, tokens, scores)
 
-    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput | None:
         """Append new tokens, cutting at a stop token, a stopping criterion, max_tokens or the context; finish the
         sequence if done."""
         if seq.stats.first_token_time is None:
             seq.stats.first_token_time = time.perf_counter()
+        token_ids, stop_ids, criteria = seq.token_ids, seq.stop_ids, seq.params.stopping_criteria
         for i, token in enumerate(tokens):
-            seq.token_ids.append(token)
-            if token in seq.stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
+            token_ids.append(token)
+            if token in stop_ids:  # min_tokens is enforced by masking stop tokens before sampling
                 return self._finish(seq, "stop")
-            if seq.params.stopping_criteria and self._criteria_met(seq, None if scores is None else scores[i]):
+            if criteria and self._criteria_met(seq, None if scores is None else scores[i]):
                 return self._finish(seq, "stop")
-            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            if len(token_ids) >= seq.max_num_tokens:  # max_tokens or the context
                 return self._finish(seq, "length")
-        return seq.to_output()
+        return None if seq.params.final_only else seq.to_output()
 
     @staticmethod
     def _criteria_met(seq: Sequence, scores: torch.Tensor | None) -> bool:
-        input_ids = torch.tensor([seq.context_prefix + seq.token_ids], dtype=torch.int64)
+        input_ids = torch.tensor([seq.processor_token_ids()], dtype=torch.int64)
         scores = None if scores is None else scores[None]
         return any(bool(torch.as_tensor(criterion(input_ids, scores)).any()) for criterion in seq.params.stopping_criteria)
 
@@ -384,7 +441,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.stats.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
-        self._requests.pop(seq.request_id, None)
+        if all(s.is_finished for s in self._requests.get(seq.request_id, ())):
+            self._requests.pop(seq.request_id, None)
         return seq.to_output()
 
 
@@ -400,12 +458,12 @@ def _logprobs(scores: torch.Tensor, tokens: list[int], num_top: int) -> list[Tok
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)]
 
 
-def _check_token_ids(token_ids, vocab_size: int) -> list[int]:
+def _check_token_ids(token_ids, vocab_size: int, allow_empty: bool = False) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.tolist()
     if isinstance(token_ids, str) or not hasattr(token_ids, "__len__"):
         raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
-    if len(token_ids) == 0:
+    if len(token_ids) == 0 and not allow_empty:
         raise ValueError("the prompt is empty: give at least one token")
     ids = []
     for t in token_ids:

@@ -80,16 +80,23 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
         "(cospec never downloads from a hub)")
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of a model name or path, without its weights."""
+    from transformers import AutoTokenizer
+
+    path, gguf_file = resolve_model_path(model)
+    return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
 def load_model(model: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) for a name or path; the model in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, gguf_file = resolve_model_path(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return hf_model.to(device).eval(), tokenizer
+    return hf_model.to(device).eval(), load_tokenizer(model)
 
 
 DEFAULT_DRAFT_HEAD = "default"

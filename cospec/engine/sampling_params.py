@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 
 
@@ -9,6 +11,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How one request decodes. ``temperature == 0`` means greedy (argmax)."""
 
+    n: int = 1
+    """Samples of the prompt, returned under one request id (``RequestOutput.index``); they share the prompt's
+    cached KV blocks. With a seed, sample i uses ``sample_seed(seed, i)``."""
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -46,6 +51,9 @@ class SamplingParams:
     """Hugging Face-style criteria, called as ``criterion(input_ids [1, L], scores [1, vocab])`` after each output
     token; a true result ends the request (finish reason 'stop')."""
     # ---- what to report ----
+    final_only: bool = False
+    """``LLMEngine.step()`` returns this request's output only when it finishes, not at every step that gives it
+    tokens (offline batches: saves building an output per request and step)."""
     logprobs: int | None = None
     """Report each output token's log-probability and the ``logprobs`` most likely tokens' (None: none), from the
     distribution the token was chosen from (after processing; with temperature, top-k/p and min-p when sampling)."""
@@ -55,6 +63,8 @@ class SamplingParams:
     """Report the raw logits at each output token (Hugging Face's ``output_logits``; fused logits with fusion)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
@@ -72,6 +82,8 @@ class SamplingParams:
                                       or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if not isinstance(self.final_only, bool):
+            raise ValueError(f"final_only must be a bool, got {self.final_only!r}")
         self._check_processing()
         if self.fusion is not None:
             from cospec.decoding.fusion import FusionSpec
@@ -123,6 +135,22 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of sample ``index`` of ``n``: one sample, with its own seed (``sample_seed``)."""
+        if self.n == 1:
+            return self
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else sample_seed(self.seed, index))
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request seeded with ``seed``: ``seed`` itself for sample 0 (so sample 0 of
+    ``n`` samples is the request with ``n=1``), else 63 bits of SHA-256 of ``(seed, index)``: a stable function,
+    the same in every process and version."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _token_id(value, name: str) -> int:

@@ -13,8 +13,9 @@ import os
 import torch
 
 # Imported here, not per call: the dispatch functions run once per layer and step.
-from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, rejection_sample_kernel, store_kv_kernel,
-                            verify_greedy_kernel)
+from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, paged_attention_kernel, rejection_sample_kernel,
+                            store_kv_kernel, verify_greedy_kernel)
+from cospec.kernels.paged_attention_kernel import GatherLayout
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -45,6 +46,29 @@ def store_kv(
         store_kv_kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
         store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], packed by sequence
+    k_pool: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_pool: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, cached tokens after this step's tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    block_size: int,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_kv_len: int | None = None,
+    layout: GatherLayout | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new queries over its cached keys, read through its block table (sliding
+    window and soft-capping optional, GQA). The Triton kernel reads the pages in place (float16/bfloat16/float32);
+    the reference gathers them, reusing ``layout`` (this batch's gather indices) when the caller keeps one."""
+    args = (query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, scale, sliding_window, softcap)
+    if use_triton(query) and query.dtype in paged_attention_kernel.KERNEL_DTYPES:
+        return paged_attention_kernel.paged_attention(*args, max_kv_len=max_kv_len)
+    return paged_attention_kernel.paged_attention_ref(*args, layout=layout)
 
 
 def verify_greedy(

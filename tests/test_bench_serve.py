@@ -1,0 +1,55 @@
+"""The serving load test's workloads (sessions of chat requests) and its report."""
+
+import pytest
+
+from benchmarks.bench_serve import RequestResult, configurations, markdown_table, parse_args, summarize_run
+from benchmarks.serve_workloads import build_sessions, system_prompt_text
+
+
+def test_multiturn_sessions_replay_conversations_turn_by_turn():
+    sessions, source = build_sessions("multiturn", 6, seed=0, max_turn_chars=2000, max_turns=3)
+    assert len(sessions) == 6 and len({s.id for s in sessions}) == 6
+    for session in sessions:
+        for turn, messages in enumerate(session.requests):
+            assert [m["role"] for m in messages] == ["user", "assistant"] * turn + ["user"]
+            if turn:  # each turn repeats the previous one as its prefix
+                assert messages[: 2 * turn - 1] == session.requests[turn - 1]
+        assert 1 <= len(session.requests) <= 3
+    if source.startswith("ShareGPT"):
+        assert any(len(s.requests) > 1 for s in sessions)
+
+
+def test_system_prompt_sessions_share_one_system_prompt():
+    sessions, _ = build_sessions("system-prompt", 5, seed=1, max_turn_chars=1200, system_prompt="be brief")
+    assert all(len(s.requests) == 1 for s in sessions)
+    assert {s.requests[0][0]["content"] for s in sessions} == {"be brief"}
+    assert len({s.requests[0][1]["content"] for s in sessions}) > 1
+
+
+def test_system_prompt_text_reaches_the_token_count():
+    def count(text: str) -> int:  # a tokenizer of about 3.7 characters a token
+        return round(len(text) / 3.7)
+
+    assert abs(count(system_prompt_text(1000, count)) - 1000) <= 5
+    with pytest.raises(ValueError, match="workload"):
+        build_sessions("nonsense", 1, 0, 100)
+
+
+def test_configurations_cover_speculation_replicas_and_prefix_caching():
+    args = parse_args(["--prompt-lookup", "3", "--replicas", "1", "2"])
+    assert configurations(args) == [("plain", []), ("plain, 2 replicas", ["--replicas", "2"]),
+                                    ("prompt-lookup 3", ["--prompt-lookup", "3"]),
+                                    ("prompt-lookup 3, 2 replicas", ["--prompt-lookup", "3", "--replicas", "2"])]
+    args = parse_args(["--replicas", "2", "--prefix-caching", "on", "off"])
+    assert configurations(args) == [("plain, 2 replicas", ["--replicas", "2"]),
+                                    ("plain, 2 replicas, no prefix cache", ["--replicas", "2", "--no-prefix-caching"])]
+
+
+def test_summary_reports_the_prefix_cache_hit_rate():
+    results = [RequestResult(True, 0.1, 0.5, 5, 100), RequestResult(False, error="x")]
+    before = {"cospec_prefix_cache_queries_total": 50, "cospec_prefix_cache_hits_total": 10}
+    after = {"cospec_prefix_cache_queries_total": 250, "cospec_prefix_cache_hits_total": 160}
+    row = summarize_run("plain", "1 sessions/s", results, 2.0, before, after)
+    assert row["prefix_cache_hit_rate"] == 0.75 and row["completed"] == 1 and row["failed"] == 1
+    assert row["mean_prompt_tokens"] == 100
+    assert markdown_table([row]).splitlines()[-1].endswith("| 0.75 |")
