@@ -112,6 +112,7 @@ class Targets:
     aux_hidden_states: torch.Tensor  # [B, T, len(aux) * H_target]
     rows: torch.Tensor  # [B, T] int64: row of ``probs`` for the distribution at position p (of token p + 1), or -1
     probs: torch.Tensor  # [num_rows, draft_vocab_size] the target's next-token distribution on the draft vocabulary
+    top: torch.Tensor  # [num_rows] the target's top token (a draft-vocabulary id)
 
 
 def make_batch(examples: list[Example], device) -> Batch:
@@ -147,7 +148,7 @@ def target_outputs(model, head: Eagle3Head, batch: Batch, chunk_rows: int = 1024
     kept = torch.cumsum(in_vocab, 0) - 1
     rows[predicts_trained] = torch.where(in_vocab, kept, -1)
     probs = torch.cat(probs)[in_vocab] if len(probs) else torch.zeros(0, head.draft_vocab_size, device=hidden.device)
-    return Targets(aux, rows, probs)
+    return Targets(aux, rows, probs, probs.argmax(dim=-1))
 
 
 @dataclass(slots=True)
@@ -180,7 +181,7 @@ def ttt_loss(head: Eagle3Head, batch: Batch, targets: Targets, num_steps: int, s
         loss = (torch.logsumexp(logits, -1) - (q * logits).sum(-1)).mean() if len(q) else logits.sum() * 0
         total = total + step_decay ** step * loss
         correct = torch.zeros_like(valid)
-        correct[valid] = logits.argmax(-1) == q.argmax(-1)
+        correct[valid] = logits.argmax(-1) == targets.top[step_rows[valid]]
         all_correct = all_correct & correct
         all_valid = all_valid & valid
         losses.append(loss.item())
