@@ -93,6 +93,26 @@ def test_resume_continues_from_the_checkpoint(target, tmp_path, monkeypatch):
     assert log["train_tokens"] == json.loads((tmp_path / "a" / "training_log.json").read_text())["train_tokens"]
 
 
+def test_a_spent_time_budget_stops_training_and_saves_the_head(target, tmp_path, monkeypatch):
+    data, heldout = _examples(target, 24, seed=0), _examples(target, 4, seed=1000)
+    clock = iter(range(0, 10**6, 60))  # every reading of the clock: one more minute
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: float(next(clock)))
+    train_head(target, data, heldout, _config(epochs=2, max_minutes=4), tmp_path, started=0.0)
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    planned = 2 * -(-len(data) // 4)
+    assert log["stopped_by_time_budget"]
+    assert 0 < log["evaluations"][-1]["step"] < planned
+    assert (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="max_minutes"):
+        _config(max_minutes=0)
+
+
+def test_lr_schedule_follows_the_time_budget_when_it_runs_ahead():
+    assert trainer.lr_factor(50, 100, 0.05, 0.1) > 0.5  # half the steps: still half way down the cosine
+    assert trainer.lr_factor(50, 100, 0.05, 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    assert trainer.lr_factor(0, 100, 0.05, 0.1, time_fraction=1.0) == pytest.approx(0.2)  # warm-up first
+
+
 def test_sharegpt_and_openai_records_parse():
     sharegpt = {"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q1"},
                                   {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}]}

@@ -12,11 +12,14 @@ from cospec.decoding.ngram_model import stdlib_files
 from cospec.training.corpora import complete_array_items, sharegpt_path
 from cospec.training.data import messages_of
 
-NUM_CONVERSATIONS = 600
-"""ShareGPT conversations whose first answer the target regenerates."""
+MAX_MINUTES = 30.0
+"""Wall-clock budget of ``cospec train-draft`` with the default recipe (data, regeneration and training)."""
+NUM_CONVERSATIONS = 320
+"""ShareGPT conversations whose first answer the target regenerates (about 5 minutes for SmolLM2 on 2 cores)."""
 MAX_PROMPT_CHARS = 1500
-STDLIB_CHARS = 1_200_000
-"""Characters of standard-library source (about 300 k tokens)."""
+STDLIB_CHARS = 400_000
+"""Characters of standard-library source (about 100 k tokens): with the answers, about what 2 CPU cores train on in
+the rest of the budget."""
 
 
 def default_sources(model: str, seed: int = 0, num_conversations: int = NUM_CONVERSATIONS,

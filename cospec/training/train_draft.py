@@ -81,6 +81,10 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str | None = None
     """Model dtype; None: float32 on the CPU, bfloat16 on CUDA."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the whole run (data, regeneration, training): the learning-rate schedule runs on
+    whichever of steps and time is further along, and training stops with the budget spent. None: no limit, except
+    for the default recipe (``recipes.MAX_MINUTES``)."""
     filter_benchmarks: bool = True
     """Drop training text that contains an MT-Bench question or a HumanEval problem (cospec bench measures there)."""
     progress: bool = True
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
 
 
 @dataclass(slots=True)
@@ -217,11 +223,14 @@ def init_head(head: Eagle3Head, target) -> None:
             head.norm.weight.copy_(final_norm.weight)
 
 
-def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_fraction: float) -> float:
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_fraction: float,
+              time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to ``min_fraction`` over the steps, or over the time budget when
+    ``time_fraction`` (of it spent) is further along."""
     warmup = max(1, int(total_steps * warmup_fraction))
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total_steps - warmup), time_fraction))
     return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -312,6 +321,10 @@ def train_draft(config: TrainConfig | None = None, **options) -> Path:
     from cospec.engine.models import default_draft_head_dir, load_model
 
     config = config or TrainConfig(**options)
+    if not config.data and config.max_minutes is None:  # the default recipe fits its budget on 2 CPU cores
+        from cospec.training import recipes
+
+        config = dataclasses.replace(config, max_minutes=recipes.MAX_MINUTES)
     started = time.perf_counter()
     out = Path(config.out) if config.out else default_draft_head_dir(config.model)
     dtype = config.dtype or ("bfloat16" if str(config.device).startswith("cuda") else "float32")
@@ -342,8 +355,16 @@ def train_head(model, train_examples: list[Example], heldout_examples: list[Exam
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     plan = [b for epoch in range(config.epochs)
             for b in batches_of(train_examples, config.batch_size, config.seed + epoch)]
+    training_started = time.perf_counter()
+    deadline = started + 60 * config.max_minutes if config.max_minutes else None
+
+    def time_fraction() -> float:
+        if deadline is None:
+            return 0.0
+        return (time.perf_counter() - training_started) / max(deadline - training_started, 1e-9)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, len(plan), config.warmup_fraction, config.min_lr_fraction))
+        s, len(plan), config.warmup_fraction, config.min_lr_fraction, time_fraction()))
     log = {"config": dataclasses.asdict(config), "evaluations": [], "train_tokens": 0}
     step = 0
     if config.resume and (checkpoint / "trainer.pt").exists():
@@ -381,6 +402,14 @@ def train_head(model, train_examples: list[Example], heldout_examples: list[Exam
             bar.update()
             if step % config.checkpoint_every == 0 and step < len(plan):
                 _save_checkpoint(head, optimizer, scheduler, step, log, checkpoint, config)
+            if deadline is not None and time.perf_counter() >= deadline and step < len(plan):
+                evaluation = evaluate(head, heldout, config)
+                log["evaluations"].append({"step": step, "train_tokens": log["train_tokens"],
+                                           **dataclasses.asdict(evaluation)})
+                log["stopped_by_time_budget"] = True
+                bar.write(f"cospec train-draft: the {config.max_minutes:g}-minute budget is spent; stopping after "
+                          f"{step} of {len(plan)} batches")
+                break
 
     head.eval()
     log.update({"seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss_bytes(),
@@ -450,6 +479,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--checkpoint-every", type=int, default=_default("checkpoint_every"),
                           help="steps between checkpoints")
     training.add_argument("--seed", type=int, default=_default("seed"))
+    training.add_argument("--max-minutes", type=float, default=_default("max_minutes"),
+                          help="wall-clock budget of the run; training stops when it is spent "
+                          "(default: none, 30 with the default recipe)")
     training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     training.add_argument("--device", default=_default("device"), help="torch device (cpu, cuda)")
     training.add_argument("--dtype", default=_default("dtype"),
