@@ -251,7 +251,7 @@ def test_head_in_the_eagle_repository_layout_loads_and_runs(target_and_head, tmp
     loaded = load_head(tmp_path, target)
     assert not loaded.norm_before_residual
     states = torch.randn(1, 5, layer.hidden_size, dtype=torch.float64)
-    ids, positions = torch.tensor([[4, 8, 15, 16, 23]]), torch.arange(5)[None]
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
     mask = causal_mask(torch.tensor([5]), 5)
     with torch.no_grad():
         expected = head.compute_logits(unrolled_states(head, states, ids, mask, 1)[0])
