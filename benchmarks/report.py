@@ -63,6 +63,7 @@ def summarize(records: list[dict]) -> list[dict]:
 # (system, baseline): cospec methods against the HF method they replace and against cospec's own plain decoding.
 PAIRS = (("cospec_prompt_lookup", "hf_prompt_lookup"), ("cospec_draft", "hf_assisted"),
          ("cospec_prompt_lookup", "cospec"), ("cospec_self_spec", "cospec"), ("cospec_draft", "cospec"),
+         ("cospec_eagle", "cospec"),
          ("cospec_fusion_ngram_lookup", "cospec_fusion_ngram"))
 
 

@@ -20,7 +20,7 @@ from benchmarks.common import RSSPeakSampler, environment, peak_rss_bytes
 from benchmarks.systems import FUSION_SYSTEMS, SYSTEMS, UnsupportedError, make_system, truncated_copy
 
 DEFAULT_METHODS = ("hf", "hf_prompt_lookup", "hf_assisted", "cospec", "cospec_prompt_lookup", "cospec_self_spec",
-                   "cospec_draft")
+                   "cospec_draft", "cospec_eagle")
 QUICK = {"workloads": ["rewrite"], "num_prompts": 2, "max_new_tokens": 32, "batch_sizes": [1, 2],
          "methods": ["hf", "hf_prompt_lookup", "cospec", "cospec_prompt_lookup"]}
 

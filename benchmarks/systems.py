@@ -3,7 +3,9 @@
 - ``hf``: Hugging Face ``model.generate`` (greedy); ``hf_prompt_lookup``: with ``prompt_lookup_num_tokens``;
   ``hf_assisted``: with ``assistant_model``. HF runs assisted generation at batch size 1 only.
 - ``cospec``: cospec's engine, plain decoding; ``cospec_prompt_lookup``, ``cospec_self_spec``, ``cospec_draft``: with
-  each proposer. One engine per system lives for the whole run (its KV pool is allocated once).
+  each proposer; ``cospec_eagle``: with the model's default EAGLE-3 draft head (``cospec train-draft --model M``
+  makes it; without one the system reports how). One engine per system lives for the whole run (its KV pool is
+  allocated once).
 - ``cospec_fusion_ngram``: the model fused (mixture 0.9 / 0.1) with a 4-gram model of the Python standard library;
   ``cospec_fusion_ngram_lookup``: the same fused distribution, sped up by prompt lookup (verified against the fused
   distribution). Their outputs follow the fused distribution, so they differ from HF's by design.
@@ -19,9 +21,10 @@ import torch
 
 import cospec
 from cospec import EngineConfig, FusionConfig, FusionSpec, LLMEngine, SamplingParams, SpeculativeConfig
+from cospec.engine.models import ModelNotFoundError
 
 SYSTEMS = ("hf", "hf_prompt_lookup", "hf_assisted", "cospec", "cospec_prompt_lookup", "cospec_self_spec",
-           "cospec_draft", "cospec_fusion_ngram", "cospec_fusion_ngram_lookup")
+           "cospec_draft", "cospec_eagle", "cospec_fusion_ngram", "cospec_fusion_ngram_lookup")
 FUSION_SYSTEMS = ("cospec_fusion_ngram", "cospec_fusion_ngram_lookup")
 
 
@@ -116,6 +119,8 @@ class CospecSystem:
             speculative = SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
         elif name == "cospec_draft":
             speculative = SpeculativeConfig("draft", num_draft_tokens=num_draft_tokens, draft_model=draft)
+        elif name == "cospec_eagle":
+            speculative = SpeculativeConfig("eagle3", num_draft_tokens=num_draft_tokens, draft_head="default")
         # No prefix caching: the suite runs the same prompts again (warm-up, repeats), which a prefix cache would serve
         # from the previous run while HF generate recomputes them (benchmarks/bench_prefix_cache.py measures it).
         config = EngineConfig(max_num_seqs=max_batch, enable_prefix_caching=False)
@@ -157,7 +162,20 @@ def make_system(name: str, model, tokenizer, max_batch: int, draft=None, self_sp
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
     if name.startswith("hf"):
         return HFSystem(name, model, tokenizer, draft, prompt_lookup_num_tokens=num_draft_tokens)
-    return CospecSystem(name, model, max_batch, draft, self_spec_layers, num_draft_tokens, ngram)
+    try:
+        return CospecSystem(name, model, max_batch, draft, self_spec_layers, num_draft_tokens, ngram)
+    except ModelNotFoundError as error:  # no default draft head: every run reports how to train it
+        return MissingSystem(f"{name}: {error}")
+
+
+class MissingSystem:
+    """A system that cannot be built here (a missing draft head); each run says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def run(self, prompts: list[list[int]], max_new_tokens: int) -> RunResult:
+        raise UnsupportedError(self.reason)
 
 
 def _as_list(value) -> list[int]:

@@ -14,3 +14,7 @@ __all__ = ["LLM", "LLMEngine", "EngineConfig", "SpeculativeConfig", "FusionConfi
 from cospec.engine.generate import UnsupportedArgumentError, generate, patch, unpatch  # noqa: E402
 
 __all__ += ["generate", "patch", "unpatch", "UnsupportedArgumentError"]
+
+from cospec.training.train_draft import TrainConfig, train_draft  # noqa: E402
+
+__all__ += ["train_draft", "TrainConfig"]

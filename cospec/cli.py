@@ -1,7 +1,7 @@
 """cospec: speculative decoding and co-decoding engine for Hugging Face models.
 
 ``generate`` streams a completion, ``bench`` compares cospec with Hugging Face, ``serve`` runs an OpenAI-compatible
-server, ``info`` describes the setup.
+server, ``train-draft`` trains an EAGLE-3 draft head for a model, ``info`` describes the setup.
 
 Flags map one to one onto ``SamplingParams`` fields (``--max-tokens`` -> ``max_tokens``) and ``load_model``
 arguments. A failure the user can fix (a missing model, a bad flag value) prints one line to stderr and exits 2;
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--draft", metavar="MODEL", help="draft model (name, directory or .gguf) with the same vocabulary")
     spec.add_argument("--prompt-lookup", type=int, metavar="N", help="draft by n-gram lookup, n-grams up to N tokens")
     spec.add_argument("--self-spec", type=int, metavar="L", help="draft with the model's own first L layers")
+    spec.add_argument("--draft-head", metavar="PATH", help="draft with an EAGLE-3 head: its directory, or 'default' "
+                      "(the model's head from `cospec train-draft`)")
     spec.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step (adaptive)")
     spec.add_argument("--defer", type=float, metavar="TAU", help="with --draft: confidence deferral (lossy): the draft "
                       "model's tokens are kept while its top probability is >= TAU")
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    train = commands.add_parser("train-draft", help="train an EAGLE-3 draft head for a model on your data "
+                                "(no --data: the default head, on ShareGPT and standard-library data)")
+    from cospec.training.train_draft import add_arguments as add_train_draft_arguments
+
+    add_train_draft_arguments(train)
+    train.set_defaults(run=_train_draft)
 
     info = commands.add_parser("info", help="print versions, the device, the kernel backends and stored CPU row plans")
     info.set_defaults(run=_info)
@@ -112,7 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         deferral_threshold=args.defer, deferral_rollback=args.defer_rollback)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1, draft=None if speculative else args.draft,
               prompt_lookup=args.prompt_lookup, self_spec_layers=args.self_spec, num_draft_tokens=args.num_draft_tokens,
-              speculative=speculative, fusion=_fusion_config(args))
+              speculative=speculative, fusion=_fusion_config(args), draft_head=args.draft_head)
     engine, tokenizer = llm.engine, llm.tokenizer
     prompt_ids = llm.encode(args.prompt, chat=None if args.chat else False)
     engine.add_request("cli", prompt_ids, params)
@@ -146,6 +155,16 @@ def _fusion_config(args: argparse.Namespace):
 
     members = [NgramLM.load(m[len("ngram:"):]) if m.startswith("ngram:") else m for m in args.fuse_with]
     return FusionConfig(members, parse_fusion(args.fusion))
+
+
+# ---- train-draft -------------------------------------------------------------------------------------------
+def _train_draft(args: argparse.Namespace) -> int:
+    from cospec.training.train_draft import config_from_args, train_draft
+
+    _quiet_transformers()
+    out = train_draft(config_from_args(args))
+    print(f"draft head saved in {out}; use it with --draft-head {out}")
+    return 0
 
 
 # ---- bench and serve ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from benchmarks import report, workloads
+from cospec.training.corpora import complete_array_items
 
 
 def test_humaneval_loader_reads_the_package_data():
@@ -39,7 +40,7 @@ def test_sharegpt_loader_samples_first_human_turns_reproducibly():
 
 
 def test_truncated_sharegpt_file_is_read_up_to_the_cut():
-    items = list(workloads._complete_array_items('[{"a": 1}, {"b": [2, 3]}, {"c": "unterminated'))
+    items = list(complete_array_items('[{"a": 1}, {"b": [2, 3]}, {"c": "unterminated'))
     assert items == [{"a": 1}, {"b": [2, 3]}]
 
 

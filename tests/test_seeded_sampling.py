@@ -11,6 +11,7 @@ from _tiny_models import left_padded_batch, one_thread, random_prompt, tiny_mode
 
 import cospec
 from cospec import LLM, EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
+from cospec.decoding.eagle3 import Eagle3Head
 from cospec.decoding.ngram_model import NgramLM
 from cospec.decoding.sampling import warp_logits_for
 
@@ -48,11 +49,15 @@ def _run(engine: LLMEngine, requests):
     return [done[str(i)] for i in range(len(requests))]
 
 
-def _speculative(method, k, draft):
+def _speculative(method, k, draft, model=None):
     if method == "draft":
         return SpeculativeConfig("draft", num_draft_tokens=k, draft_model=draft, adaptive=False)
     if method == "self_spec":
         return SpeculativeConfig("self_spec", num_draft_tokens=k, self_spec_layers=1, adaptive=False)
+    if method == "eagle3":  # a randomly initialised head (its drafts are rarely accepted, but they are drafted)
+        torch.manual_seed(5)
+        head = Eagle3Head.for_target(model, list(range(0, VOCAB, 2))).double().eval()
+        return SpeculativeConfig("eagle3", num_draft_tokens=k, draft_head=head, adaptive=False)
     if method == "ngram":
         return SpeculativeConfig("ngram", num_draft_tokens=k, adaptive=False,
                                  ngram_model=NgramLM.build([p * 2 for p in _prompts()], vocab_size=VOCAB, order=3))
@@ -66,21 +71,22 @@ def alone(model):
             for p, s in zip(_prompts(), _SEEDED)]
 
 
-@pytest.mark.parametrize("method", ["prompt_lookup", "draft", "self_spec", "ngram"])
+@pytest.mark.parametrize("method", ["prompt_lookup", "draft", "self_spec", "ngram", "eagle3"])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_seed_gives_the_same_tokens_with_every_proposer_batch_and_draft_length(model, draft, alone, method, k):
     others = [(random_prompt(n, VOCAB, seed=100 + n), SamplingParams(max_tokens=m, temperature=t, seed=None))
               for n, m, t in [(7, 10, 0.0), (12, 14, 1.0), (2, 6, 0.5)]]  # greedy and unseeded neighbours
     requests = list(zip(_prompts(), _SEEDED))
     mixed = [others[0], requests[2], others[1], requests[0], requests[3], others[2], requests[1]]
-    engine = LLMEngine(model, EngineConfig(num_kv_blocks=48, block_size=4), speculative=_speculative(method, k, draft))
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=48, block_size=4),
+                       speculative=_speculative(method, k, draft, model))
     outs = {id(r): o for r, o in zip(mixed, _run(engine, mixed))}
     got = [outs[id(r)].output_token_ids for r in requests]
     assert got == alone
     assert sum(outs[id(r)].stats.num_drafted_tokens for r in requests) > 0  # speculation ran
     # Preemption (a cache too small for everyone) and another arrival order change nothing either.
     small = LLMEngine(model, EngineConfig(num_kv_blocks=14, block_size=4, max_num_batched_tokens=16),
-                      speculative=_speculative(method, k, draft))
+                      speculative=_speculative(method, k, draft, model))
     assert [o.output_token_ids for o in _run(small, requests[::-1])] == alone[::-1]
 
 

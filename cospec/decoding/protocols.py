@@ -41,6 +41,15 @@ class Runner(Protocol):
         ...
 
 
+class StateRunner(Protocol):
+    """Runs a draft head over the engine's paged cache (the engine's ``HeadRunner`` is one): each token comes with
+    an input state, and the states at the returned rows come back with their logits."""
+
+    def forward(self, items: list[ForwardItem], states: torch.Tensor  # [sum(len(token_ids)), hidden_size]
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # [sum(num_logits), head vocab], [sum(num_logits), hidden_size]
+        ...
+
+
 @dataclass(slots=True)
 class DraftRequest:
     """What a proposer gets for one sequence: all its tokens so far (the last one not yet in any cache) and how many

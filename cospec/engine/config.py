@@ -62,7 +62,7 @@ class EngineConfig:
             raise ValueError(f"fair_prefill_tokens must be None or an integer >= 1, got {self.fair_prefill_tokens!r}")
 
 
-SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec", "ngram")
+SPECULATION_METHODS = ("draft", "prompt_lookup", "self_spec", "ngram", "eagle3")
 
 
 @dataclass(slots=True)
@@ -84,6 +84,9 @@ class SpeculativeConfig:
     """method='draft': stop a sequence's draft where the draft's top probability falls below this."""
     ngram_model: object = None
     """method='ngram': an ``NgramLM`` that drafts by greedy retrieval."""
+    draft_head: object = None
+    """method='eagle3': an EAGLE-3 head: its directory (speculators or EAGLE-3 layout), "default" (the model's
+    default head, made by ``cospec train-draft --model M``) or an ``Eagle3Head``."""
     deferral_threshold: float | None = None
     """Confidence deferral (lossy, BiLD style): the draft model's tokens are kept without verification while its top
     probability is >= this; the target runs only where it is not, taking in the pending tokens in the same forward."""
@@ -101,6 +104,8 @@ class SpeculativeConfig:
             raise ValueError(f"method='self_spec' needs self_spec_layers >= 1, got {self.self_spec_layers!r}")
         if self.method == "ngram" and self.ngram_model is None:
             raise ValueError("method='ngram' needs ngram_model")
+        if self.method == "eagle3" and self.draft_head is None:
+            raise ValueError("method='eagle3' needs draft_head (a directory, \"default\" or an Eagle3Head)")
         if self.deferral_threshold is not None:
             if self.method != "draft":
                 raise ValueError("deferral needs method='draft' (a small model whose confidence decides)")
@@ -116,11 +121,13 @@ class SpeculativeConfig:
 
 def choose_speculation(num_draft_tokens: int, draft=None, max_ngram_size: int | None = None,
                        self_spec_layers: int | None = None,
-                       names: tuple[str, str, str] = ("draft", "prompt_lookup", "self_spec_layers")) -> SpeculativeConfig | None:
+                       names: tuple[str, ...] = ("draft", "prompt_lookup", "self_spec_layers", "draft_head"),
+                       draft_head=None) -> SpeculativeConfig | None:
     """The SpeculativeConfig for at most one of: a draft model, prompt lookup with n-grams up to ``max_ngram_size``,
-    or self-speculation from ``self_spec_layers`` layers; ``names`` are the caller's names of those three options,
-    for the error when several are given."""
-    chosen = [name for name, value in zip(names, (draft, max_ngram_size, self_spec_layers)) if value is not None]
+    self-speculation from ``self_spec_layers`` layers, or an EAGLE-3 ``draft_head``; ``names`` are the caller's
+    names of those four options, for the error when several are given."""
+    chosen = [name for name, value in zip(names, (draft, max_ngram_size, self_spec_layers, draft_head))
+              if value is not None]
     if len(chosen) > 1:
         raise ValueError(f"choose one way to draft, got {' and '.join(chosen)}")
     if draft is not None:
@@ -129,6 +136,8 @@ def choose_speculation(num_draft_tokens: int, draft=None, max_ngram_size: int | 
         return SpeculativeConfig("prompt_lookup", num_draft_tokens=num_draft_tokens, max_ngram_size=max_ngram_size)
     if self_spec_layers is not None:
         return SpeculativeConfig("self_spec", num_draft_tokens=num_draft_tokens, self_spec_layers=self_spec_layers)
+    if draft_head is not None:
+        return SpeculativeConfig("eagle3", num_draft_tokens=num_draft_tokens, draft_head=draft_head)
     return None
 
 

@@ -91,7 +91,7 @@ def _check_supported(config) -> None:
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, assistant_model: nn.Module | None = None, fusion=None,
-             logits_processor=None, stopping_criteria=None, **kwargs):
+             logits_processor=None, stopping_criteria=None, draft_head=None, **kwargs):
     """Hugging Face ``model.generate`` semantics on cospec's engine (greedy and sampling, batch >= 1).
 
     Inputs as HF takes them: ``input_ids`` (or ``inputs``), ``inputs_embeds`` (with or without ``input_ids``; with
@@ -103,9 +103,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
 
     Speculative decoding takes HF's names, at any batch size: ``assistant_model=`` (a draft model),
     ``prompt_lookup_num_tokens=k`` (n-gram lookup, ``max_matching_ngram_size`` long), ``assistant_early_exit=L``
-    (self-speculation from the first L layers); ``num_assistant_tokens`` caps the draft length (default 8; cospec
-    adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused distribution of the
-    model and its members (speculation then verifies against the fused distribution).
+    (self-speculation from the first L layers), or cospec's ``draft_head=`` (an EAGLE-3 head: a directory, an
+    ``Eagle3Head``, or "default" for the model's default head); ``num_assistant_tokens`` caps the draft length
+    (default 8; cospec adapts it per sequence and step). ``fusion=FusionConfig(members, spec)`` decodes the fused
+    distribution of the model and its members (speculation then verifies against the fused distribution).
 
     Sampling: each row's random numbers are keyed by a seed drawn from torch's global generator and the output
     position, so ``torch.manual_seed(s)`` reproduces a call, with or without an assistant (same tokens).
@@ -158,7 +159,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
         config.prompt_lookup_num_tokens or config.num_assistant_tokens or 8, draft=assistant_model,
         max_ngram_size=(config.max_matching_ngram_size or 2) if config.prompt_lookup_num_tokens else None,
         self_spec_layers=config.assistant_early_exit or None,
-        names=("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
+        names=("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "draft_head"),
+        draft_head=draft_head)
 
     block_size = 16
     # The whole batch's prompts in one forward, as HF runs them (nothing else waits for a first token here), and

@@ -20,7 +20,8 @@ class LLM:
 
     ``model`` is a HF model object, a directory, a .gguf file or an embedded model name. Speculative decoding: one
     of ``draft=`` (a model object, path or name with the same vocabulary), ``prompt_lookup=N`` (n-gram lookup with
-    n-grams up to N tokens) or ``self_spec_layers=L`` (the target's first L layers draft), with up to
+    n-grams up to N tokens), ``self_spec_layers=L`` (the target's first L layers draft) or ``draft_head=`` (an
+    EAGLE-3 head: a directory, an ``Eagle3Head``, or "default" for the one ``cospec train-draft`` made), with up to
     ``num_draft_tokens`` drafts per step; or a full ``SpeculativeConfig``. ``fusion=FusionConfig(members, spec)``
     fuses the target's next-token distribution with its members' at every token. Engine options (``block_size``,
     ``kv_cache_memory_bytes``, ``max_num_seqs``, ...) are ``EngineConfig`` fields.
@@ -30,8 +31,9 @@ class LLM:
                  device: str | torch.device | None = None, draft=None, prompt_lookup: int | None = None,
                  self_spec_layers: int | None = None, num_draft_tokens: int = 8,
                  speculative: SpeculativeConfig | None = None, fusion: FusionConfig | None = None,
-                 **engine_options) -> None:
-        speculative = speculative or choose_speculation(num_draft_tokens, draft, prompt_lookup, self_spec_layers)
+                 draft_head=None, **engine_options) -> None:
+        speculative = speculative or choose_speculation(num_draft_tokens, draft, prompt_lookup, self_spec_layers,
+                                                        draft_head=draft_head)
         self.engine = LLMEngine(model, EngineConfig(**engine_options), tokenizer=tokenizer, dtype=dtype, device=device,
                                 speculative=speculative, fusion=fusion)
         self.tokenizer = self.engine.tokenizer

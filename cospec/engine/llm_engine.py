@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from cospec.decoding.draft_length import DraftLengthPolicy
+from cospec.decoding.eagle3 import Eagle3Head
+from cospec.decoding.eagle3_proposer import Eagle3Proposer
 from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
@@ -23,6 +25,7 @@ from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
 from cospec.decoding.verification import Verified, Window, defer, verify
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
+from cospec.engine.head_runner import HeadRunner
 from cospec.engine.kv_cache import kv_bytes_per_token
 from cospec.engine.model_runner import ModelRunner
 from cospec.engine.sampling_params import SamplingParams
@@ -37,6 +40,7 @@ class LLMEngine:
     def __init__(self, model: nn.Module | str, config: EngineConfig | None = None, tokenizer=None,
                  dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                  speculative: SpeculativeConfig | None = None, fusion: FusionConfig | None = None) -> None:
+        model_name = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         if isinstance(model, str):
             from cospec.engine.models import load_model
 
@@ -55,14 +59,18 @@ class LLMEngine:
         member_models = self._fusion_members(fusion, dtype, tokenizer)
         draft_model, draft_layers = self._draft_source(speculative, dtype, tokenizer)
         draft_is_member = draft_model is not None and any(draft_model is m for m in member_models)
+        draft_head = self._draft_head(speculative, model_name)
         kv_per_token = kv_bytes_per_token(text_config, kv_dtype)
+        if draft_head is not None:
+            kv_per_token += kv_bytes_per_token(draft_head.config, kv_dtype)
         for extra in [m for m in member_models if isinstance(m, nn.Module)] + ([draft_model] if draft_model is not None and not draft_is_member else []):
             kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
                                                draft_layers if extra is draft_model else None)
         num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
-                                  packed_cpu_weights=config.packed_cpu_weights)
+                                  packed_cpu_weights=config.packed_cpu_weights,
+                                  capture_layers=draft_head.aux_layer_ids if draft_head is not None else None)
         # Fusion members: a runner (own paged KV pool) per model member; n-gram members need no cache.
         self.members = [m if isinstance(m, NgramLM) else
                         ModelRunner(m, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
@@ -77,6 +85,10 @@ class LLMEngine:
                 self.proposer = PromptLookupProposer(speculative.max_ngram_size, speculative.min_ngram_size)
             elif speculative.method == "ngram":
                 self.proposer = NgramProposer(self._checked_ngram(speculative.ngram_model))
+            elif speculative.method == "eagle3":
+                self.proposer = Eagle3Proposer(HeadRunner(draft_head, self.block_manager, num_blocks, kv_dtype,
+                                                          config.fast_cpu_linear,
+                                                          packed_cpu_weights=config.packed_cpu_weights), draft_head)
             else:
                 if draft_is_member:  # the small fusion member drafts from its own cache
                     draft_runner = next(r for r, m in zip(self.members, member_models) if m is draft_model)
@@ -112,11 +124,22 @@ class LLMEngine:
 
     def _draft_source(self, speculative: SpeculativeConfig | None, dtype, tokenizer) -> tuple[nn.Module | None, int | None]:
         """(model that drafts, number of its layers used) for model-based speculation; (None, None) otherwise."""
-        if speculative is None or speculative.method in ("prompt_lookup", "ngram"):
+        if speculative is None or speculative.method in ("prompt_lookup", "ngram", "eagle3"):
             return None, None
         if speculative.method == "self_spec":
             return self.model, speculative.self_spec_layers
         return self._companion_model(speculative.draft_model, dtype, tokenizer), None
+
+    def _draft_head(self, speculative: SpeculativeConfig | None, model_name: str | None) -> Eagle3Head | None:
+        """The EAGLE-3 head of method='eagle3' (loaded if given as a directory or "default"), bound to the target."""
+        if speculative is None or speculative.method != "eagle3":
+            return None
+        if isinstance(speculative.draft_head, Eagle3Head):
+            return speculative.draft_head.bind(self.model)
+        from cospec.decoding.eagle3_checkpoint import load_head
+        from cospec.engine.models import resolve_draft_head
+
+        return load_head(resolve_draft_head(speculative.draft_head, model_name), self.model)
 
     def _checked_ngram(self, ngram: NgramLM) -> NgramLM:
         if ngram.vocab_size != self.vocab_size:
@@ -274,6 +297,8 @@ class LLMEngine:
             s.seq.stats.num_steps += 1
         outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
         outputs = [out for out in outputs if out is not None]
+        if isinstance(self.proposer, Eagle3Proposer):
+            self._hand_over_target_states(scheduled, items)
         block_size = self.block_manager.block_size
         for s, before in zip(scheduled, computed_before):
             seq = s.seq
@@ -284,6 +309,24 @@ class LLMEngine:
             if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                 self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
         return outputs
+
+    def _hand_over_target_states(self, scheduled: list[ScheduledSeq], items: list[ForwardItem]) -> None:
+        """Give the draft head the target's aux hidden states of the positions each sequence keeps (its new tokens
+        and accepted drafts; rejected drafts are dropped)."""
+        rows, seq_ids, starts, counts = [], [], [], []
+        offset = 0
+        for s, item in zip(scheduled, items):
+            count = s.seq.num_computed_tokens - item.start_pos
+            if not s.seq.is_finished and count > 0:
+                rows.append(torch.arange(offset, offset + count))
+                seq_ids.append(s.seq.seq_id)
+                starts.append(item.start_pos)
+                counts.append(count)
+            offset += len(item.token_ids)
+        if rows:
+            index = torch.cat(rows).to(self.runner.aux_hidden_states.device)
+            self.proposer.add_target_states(seq_ids, starts, self.runner.aux_hidden_states.index_select(0, index),
+                                            counts)
 
     def _draft_lengths(self) -> dict[int, int]:
         if self.draft_policy is None:

@@ -15,6 +15,7 @@ import inspect
 import torch
 from torch import nn
 
+from cospec.decoding.eagle3 import capture_aux_hidden_states
 from cospec.decoding.protocols import ForwardItem
 from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
@@ -27,8 +28,10 @@ from cospec.engine.kv_cache import KVCachePool, PagedCache
 class ModelRunner:
     def __init__(self, model: nn.Module, block_manager: BlockManager, num_blocks: int, dtype: torch.dtype,
                  fast_cpu_linear: bool = True, num_layers: int | None = None,
-                 packed_cpu_weights: bool = True) -> None:
-        """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft."""
+                 packed_cpu_weights: bool = True, capture_layers: tuple[int, ...] | None = None) -> None:
+        """``num_layers``: run only the first layers (+ final norm + LM head), the self-speculation draft.
+        ``capture_layers``: keep the input hidden states of these layers from each forward in ``aux_hidden_states``
+        (``[num_tokens, len(capture_layers) * H]``), what an EAGLE-3 draft head reads."""
         attention.register()
         self.model = model
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -45,6 +48,8 @@ class ModelRunner:
         linears = cpu_linears(model) if fast_cpu_linear and self.device.type == "cpu" else []
         self.cpu_linears = CpuLinears(linears, packed_cpu_weights) if linears else None
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.capture_layers = capture_layers
+        self.aux_hidden_states: torch.Tensor | None = None
         self.input_batch = InputBatch(block_manager, self.device)
 
     def padded_rows(self, num_tokens: int) -> int:
@@ -70,8 +75,12 @@ class ModelRunner:
             kwargs["inputs_embeds"] = self._embeds(items, inputs.input_ids)[None]
         else:
             kwargs["input_ids"] = inputs.input_ids[None]
-        with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool):
+        capture = (capture_aux_hidden_states(self.model, self.capture_layers) if self.capture_layers
+                   else contextlib.nullcontext())
+        with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool), capture as captured:
             out = self.model(position_ids=inputs.positions[None], **kwargs)
+        if captured is not None:
+            self.aux_hidden_states = torch.cat(captured, dim=-1)[0]
         logits = out.logits[0]
         if not self._has_logits_to_keep:
             logits = logits[inputs.logit_rows]

@@ -97,3 +97,26 @@ def load_model(model: str, dtype: torch.dtype | str = torch.float32, device: str
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return hf_model.to(device).eval(), load_tokenizer(model)
+
+
+DEFAULT_DRAFT_HEAD = "default"
+
+
+def default_draft_head_dir(model: str) -> Path:
+    """Where ``cospec train-draft --model MODEL`` (without --out) saves the model's head, and where
+    ``draft_head="default"`` looks for it: ``<cache dir>/draft_heads/<model name>``."""
+    return cache_dir() / "draft_heads" / Path(str(model)).expanduser().name
+
+
+def resolve_draft_head(draft_head: str | os.PathLike, model_name: str | None) -> Path:
+    """The directory of a draft head given as a path or as "default" (the default head of ``model_name``)."""
+    if str(draft_head) != DEFAULT_DRAFT_HEAD:
+        return Path(draft_head).expanduser()
+    if not model_name:
+        raise ValueError('draft_head="default" needs to know the model: load it by name or path')
+    path = default_draft_head_dir(model_name)
+    if not (path / "config.json").exists():
+        name = Path(str(model_name)).expanduser().name
+        raise ModelNotFoundError(f"there is no default draft head for {name} (looked in {path}); train it with: "
+                                 f"cospec train-draft --model {model_name}")
+    return path

@@ -28,6 +28,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     spec.add_argument("--draft", default=None, metavar="MODEL", help="a draft model on the same vocabulary")
     spec.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="draft by n-gram lookup (n <= N)")
     spec.add_argument("--self-spec", type=int, default=None, metavar="L", help="the target's first L layers draft")
+    spec.add_argument("--draft-head", default=None, metavar="PATH", help="an EAGLE-3 draft head (a directory, or "
+                      "'default': the model's head from `cospec train-draft`)")
     parser.add_argument("--num-draft-tokens", type=int, default=8, metavar="K", help="most drafts per step")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -74,7 +76,8 @@ def build_engine(args: argparse.Namespace):
 
     if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
-    speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec)
+    speculative = choose_speculation(args.num_draft_tokens, args.draft, args.prompt_lookup, args.self_spec,
+                                     draft_head=args.draft_head)
     config = EngineConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching,
                           scheduling_policy=args.scheduling_policy)
