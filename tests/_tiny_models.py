@@ -130,3 +130,16 @@ def tiny_tokenizer(vocab_size: int = 128):
     assert backend.get_vocab_size() == vocab_size
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                                 eos_token="</s>")
+
+
+def run_to_completion(engine, requests, check_blocks_freed: bool = False) -> list:
+    """Add ``requests`` (``(prompt, SamplingParams)`` pairs) to ``engine`` as "0", "1", ... and step it until all
+    finish; their final outputs in order. ``check_blocks_freed``: also assert that every KV block was released."""
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+    if check_blocks_freed:
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return [done[str(i)] for i in range(len(requests))]

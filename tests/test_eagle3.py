@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from _stats import assert_chi_square_fits
-from _tiny_models import one_thread, random_prompt, tiny_model  # noqa: F401 (fixture)
+from _tiny_models import one_thread, random_prompt, run_to_completion, tiny_model  # noqa: F401 (fixture)
 from safetensors.torch import save_file
 
 import cospec
@@ -33,15 +33,7 @@ def _target(family: str, **overrides):
 
 
 def _run(engine: LLMEngine, prompts, params):
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    return [done[str(i)] for i in range(len(prompts))]
+    return run_to_completion(engine, list(zip(prompts, params)), check_blocks_freed=True)
 
 
 def _greedy_texts(target, num: int, length: int, seed: int) -> list[Example]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_models import left_padded_batch, one_thread, random_prompt, tiny_model  # noqa: F401 (fixture)
+from _tiny_models import run_to_completion as _run
 
 import cospec
 from cospec import LLM, EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
@@ -38,15 +39,6 @@ _SEEDED = [SamplingParams(max_tokens=16, temperature=1.0, seed=11),
            SamplingParams(max_tokens=12, temperature=0.7, top_k=10, seed=12),
            SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, min_p=0.05, seed=2**63 - 1),
            SamplingParams(max_tokens=9, temperature=0.9, seed=0)]
-
-
-def _run(engine: LLMEngine, requests):
-    for i, (prompt, params) in enumerate(requests):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({out.request_id: out for out in engine.step() if out.finished})
-    return [done[str(i)] for i in range(len(requests))]
 
 
 def _speculative(method, k, draft, model=None):

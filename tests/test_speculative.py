@@ -11,6 +11,7 @@ from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
 from cospec.decoding.ngram_model import NgramLM
 
 from _stats import assert_chi_square_fits
+from _tiny_models import run_to_completion
 
 VOCAB = 40
 
@@ -34,14 +35,7 @@ def draft():
 
 
 def _run(engine: LLMEngine, prompts, params):
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[str(i)] for i in range(len(prompts))]
+    return run_to_completion(engine, list(zip(prompts, params)))
 
 
 def _prompts(n=8, seed=0):
