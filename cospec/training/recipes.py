@@ -14,11 +14,12 @@ from cospec.training.data import messages_of
 
 MAX_MINUTES = 30.0
 """Wall-clock budget of ``cospec train-draft`` with the default recipe (data, regeneration and training)."""
-NUM_CONVERSATIONS = 320
-"""ShareGPT conversations whose first answer the target regenerates (about 5 minutes for SmolLM2 on 2 cores)."""
+NUM_CONVERSATIONS = 480
+"""ShareGPT conversations whose first answer the target regenerates (the target's own answers are what it will be
+asked to verify; about 6 minutes for SmolLM2 on 2 cores)."""
 MAX_PROMPT_CHARS = 1500
-STDLIB_CHARS = 400_000
-"""Characters of standard-library source (about 100 k tokens): with the answers, about what 2 CPU cores train on in
+STDLIB_CHARS = 240_000
+"""Characters of standard-library source (about 60 k tokens): with the answers, about what 2 CPU cores train on in
 the rest of the budget."""
 
 
