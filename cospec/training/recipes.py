@@ -16,7 +16,7 @@ MAX_MINUTES = 30.0
 """Wall-clock budget of ``cospec train-draft`` with the default recipe (data, regeneration and training)."""
 NUM_CONVERSATIONS = 480
 """ShareGPT conversations whose first answer the target regenerates (the target's own answers are what it will be
-asked to verify; about 6 minutes for SmolLM2 on 2 cores)."""
+asked to verify; about 13 minutes of the budget for SmolLM2 on 2 cores)."""
 MAX_PROMPT_CHARS = 1500
 STDLIB_CHARS = 240_000
 """Characters of standard-library source (about 60 k tokens): with the answers, about what 2 CPU cores train on in
