@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cospec.decoding.eagle3 import Eagle3Head
-from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, StateRunner
+from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, StateRunner, stacked
 from cospec.decoding.sampling import sample_draft_tokens
 
 
@@ -103,7 +103,4 @@ class Eagle3Proposer:
                     positions[i] += 1
                     still.append(i)
             active = still
-        for d in drafts:
-            if isinstance(d.probs, list):
-                d.probs = torch.stack(d.probs) if d.probs else None
-        return drafts
+        return stacked(drafts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from cospec.decoding.prompt_lookup import PromptLookupProposer
-from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner, embeds_rows
+from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem, Runner, embeds_rows, stacked
 from cospec.decoding.sampling import sample_draft_tokens
 
 __all__ = ["ModelDraftProposer", "PromptLookupProposer", "check_same_vocabulary"]
@@ -87,7 +87,4 @@ class ModelDraftProposer:
                     feeds[i] = ([tokens[row]], start + len(fed))
                     still.append(i)
             active = still
-        for d in drafts:
-            if isinstance(d.probs, list):
-                d.probs = torch.stack(d.probs) if d.probs else None
-        return drafts
+        return stacked(drafts)

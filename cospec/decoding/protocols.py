@@ -76,6 +76,14 @@ class Draft:
     # (only for rejection sampling: requests that are not coupled)
 
 
+def stacked(drafts: list[Draft]) -> list[Draft]:
+    """The drafts with the per-step distributions a model proposer collected in a list stacked into one tensor."""
+    for d in drafts:
+        if isinstance(d.probs, list):
+            d.probs = torch.stack(d.probs) if d.probs else None
+    return drafts
+
+
 class Proposer(Protocol):
     is_deterministic: bool
     """True when drafts carry no probabilities (q is one-hot on the draft token)."""
