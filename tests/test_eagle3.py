@@ -291,6 +291,14 @@ def test_missing_default_head_says_how_to_train_it(tmp_path, monkeypatch):
         LLMEngine(target, speculative=SpeculativeConfig("eagle3", draft_head="default"))
 
 
+def test_missing_default_head_of_an_embedded_model_names_it_as_typed(tmp_path, monkeypatch):
+    monkeypatch.setenv("COSPEC_CACHE_DIR", str(tmp_path))
+    target = _target("llama")
+    target.name_or_path = str(tmp_path / "models" / "smollm2-135m")  # where the embedded model's copy is loaded from
+    with pytest.raises(FileNotFoundError, match=r"train it with: cospec train-draft --model smollm2-135m$"):
+        LLMEngine(target, speculative=SpeculativeConfig("eagle3", draft_head="default"))
+
+
 def test_default_head_is_found_where_train_draft_puts_it(target_and_head, tmp_path, monkeypatch):
     from cospec.engine.models import default_draft_head_dir
 

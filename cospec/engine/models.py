@@ -117,6 +117,8 @@ def resolve_draft_head(draft_head: str | os.PathLike, model_name: str | None) ->
     path = default_draft_head_dir(model_name)
     if not (path / "config.json").exists():
         name = Path(str(model_name)).expanduser().name
+        # An embedded model loaded from its converted copy is named by its embedded name, as the user typed it.
+        embedded = Path(str(model_name)).expanduser().parent == cache_dir() / "models"
         raise ModelNotFoundError(f"there is no default draft head for {name} (looked in {path}); train it with: "
-                                 f"cospec train-draft --model {model_name}")
+                                 f"cospec train-draft --model {name if embedded else model_name}")
     return path
