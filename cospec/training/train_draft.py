@@ -393,7 +393,8 @@ def train_head(model, train_examples: list[Example], heldout_examples: list[Exam
             scheduler.step()
             step += 1
             log["train_tokens"] += int(batch.loss_mask.sum())
-            if step % config.eval_every == 0 or step == len(plan):
+            out_of_time = deadline is not None and time.perf_counter() >= deadline and step < len(plan)
+            if step % config.eval_every == 0 or step == len(plan) or out_of_time:
                 evaluation = evaluate(head, heldout, config)
                 log["evaluations"].append({"step": step, "train_tokens": log["train_tokens"],
                                            **dataclasses.asdict(evaluation)})
@@ -402,10 +403,7 @@ def train_head(model, train_examples: list[Example], heldout_examples: list[Exam
             bar.update()
             if step % config.checkpoint_every == 0 and step < len(plan):
                 _save_checkpoint(head, optimizer, scheduler, step, log, checkpoint, config)
-            if deadline is not None and time.perf_counter() >= deadline and step < len(plan):
-                evaluation = evaluate(head, heldout, config)
-                log["evaluations"].append({"step": step, "train_tokens": log["train_tokens"],
-                                           **dataclasses.asdict(evaluation)})
+            if out_of_time:
                 log["stopped_by_time_budget"] = True
                 bar.write(f"cospec train-draft: the {config.max_minutes:g}-minute budget is spent; stopping after "
                           f"{step} of {len(plan)} batches")
