@@ -317,7 +317,7 @@ class LLMEngine:
         offset = 0
         for s, item in zip(scheduled, items):
             count = s.seq.num_computed_tokens - item.start_pos
-            if not s.seq.is_finished and count > 0:
+            if s.seq.status is not SequenceStatus.FINISHED and count > 0:
                 rows.append(torch.arange(offset, offset + count))
                 seq_ids.append(s.seq.seq_id)
                 starts.append(item.start_pos)
