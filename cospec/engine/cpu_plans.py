@@ -33,7 +33,7 @@ logger = logging.getLogger("cospec.cpu_plans")
 
 # A measurement is stored only if its passes agree: the median over (path, row count) of median / minimum - 1.
 _MAX_STORED_SPREAD = 0.1
-_FORMAT = 1
+_FORMAT = 2  # 2: MKL timed with its output copy, and never the path beyond the measured rows
 
 
 def plans_dir() -> Path:

