@@ -78,7 +78,8 @@ def verify(
     device, vocab_size = logits.device, logits.shape[-1]
     num_rows = [len(w.draft_token_ids) + 1 for w in windows]
     starts = [0, *itertools.accumulate(num_rows)]
-    processed = process_logits(logits, row_contexts(windows))
+    has_context = any(w.context is not None for w in windows)
+    processed = process_logits(logits, row_contexts(windows)) if has_context else logits
     scores = processed.to(sampling_dtype(logits), copy=True) if want_scores else None
     # max propagates NaN and +inf from the model; -inf means processing left no token.
     best, target_tokens = processed.max(dim=-1)  # the greedy rows' tokens; sampled rows' are replaced below
@@ -103,10 +104,14 @@ def verify(
         window_of_row = torch.repeat_interleave(torch.arange(len(windows)), torch.tensor(num_rows))
         bad = set(window_of_row[is_bad_row.cpu()].tolist())
     errors = [_error_message(processed[starts[i]: starts[i + 1]]) if i in bad else None for i in range(len(windows))]
-    tokens: list[list[int]] = [[] for _ in windows]
     rejection = [i for i in sampled if i not in bad and windows[i].draft_probs is not None
                  and windows[i].draft_token_ids]
-    by_race = [i for i in range(len(windows)) if i not in bad and i not in rejection]
+    if not bad and not rejection:  # every window by race (the common case: no per-window selection)
+        tokens = _verify_greedy(target_tokens, [w.draft_token_ids for w in windows])
+        return Verified(tokens, errors, scores, starts[:-1])
+    tokens: list[list[int]] = [[] for _ in windows]
+    skipped = bad | set(rejection)
+    by_race = [i for i in range(len(windows)) if i not in skipped]
     if by_race:
         rows = _rows(starts, by_race, device)
         for i, emitted in zip(by_race, _verify_greedy(target_tokens[rows], [windows[i].draft_token_ids
@@ -167,7 +172,7 @@ def _unpad(output: torch.Tensor) -> list[list[int]]:
 
 
 def _verify_greedy(target_tokens: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
-    if all(len(d) == 0 for d in drafts):  # plain decoding: the target's token is the token
+    if not any(drafts):  # plain decoding: the target's token is the token
         return [[t] for t in target_tokens.tolist()]
     flat, cu, max_k = _offsets(drafts, target_tokens.device)
     return _unpad(kernels.verify_greedy(target_tokens, flat, cu, max_k))

@@ -270,18 +270,24 @@ class LLMEngine:
         scheduled = self.scheduler.schedule(self._draft_lengths())
         if not scheduled:
             return []
-        # Sequences that emit tokens this step: those whose last token this step feeds.
-        windows = [s for s in scheduled if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
-        drafts = self._propose(windows)
-        draft_of = {s.seq.seq_id: d.token_ids for s, d in zip(windows, drafts) if d.token_ids}
-        items = []
+        # Each sequence's new tokens; those whose last token this step feeds emit tokens (their verify windows).
+        items, windows = [], []
         for s in scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            draft = draft_of.get(seq.seq_id, [])
-            num_logits = len(draft) + 1 if start + s.num_new_tokens == len(seq.token_ids) else 0
+            seq = s.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + s.num_new_tokens
+            emits = end == len(seq.token_ids)
             embeds = None if seq.prompt_embeds is None else seq.prompt_embeds_for(start, s.num_new_tokens)
-            items.append(ForwardItem(seq.seq_id, seq.token_ids[start: start + s.num_new_tokens] + draft, start,
-                                     num_logits, embeds))
+            items.append(ForwardItem(seq.seq_id, seq.token_ids[start:end], start, 1 if emits else 0, embeds))
+            if emits:
+                windows.append(s)
+        drafts = self._propose(windows)
+        if any(d.token_ids for d in drafts):  # the drafts are fed after the window's last token
+            draft_of = {s.seq.seq_id: d.token_ids for s, d in zip(windows, drafts) if d.token_ids}
+            for item in items:
+                draft = draft_of.get(item.seq_id)
+                if draft:
+                    item.token_ids += draft
+                    item.num_logits += len(draft)
         start = time.perf_counter()
         logits = self.runner.forward(items)
         if self.members:
@@ -291,20 +297,18 @@ class LLMEngine:
         if self.draft_policy is not None:
             self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
-        computed_before = [s.seq.num_computed_tokens for s in scheduled]
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             s.seq.stats.num_steps += 1
-        outputs = [self._accept(s.seq, d, verified, i, logits) for i, (s, d) in enumerate(zip(windows, drafts))]
-        outputs = [out for out in outputs if out is not None]
+        outputs = self._accept(windows, drafts, verified, logits) if windows else []
         if isinstance(self.proposer, Eagle3Proposer):
             self._hand_over_target_states(scheduled, items)
         block_size = self.block_manager.block_size
-        for s, before in zip(scheduled, computed_before):
+        for s, item in zip(scheduled, items):
             seq = s.seq
             if seq.status is SequenceStatus.FINISHED:  # (finished ones offered theirs when released)
                 continue
-            if seq.num_computed_tokens // block_size > before // block_size:  # a block filled up
+            if seq.num_computed_tokens // block_size > item.start_pos // block_size:  # a block filled up
                 self.scheduler.cache_computed(seq)  # rejected drafts are truncated by now: accepted tokens only
             if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                 self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
@@ -380,36 +384,48 @@ class LLMEngine:
         want_scores = any(s.logprobs is not None or s.scores is not None or s.params.stopping_criteria for s in seqs)
         return verify(logits, windows, want_scores)
 
-    def _accept(self, seq: Sequence, draft: Draft, verified: Verified, index: int,
-                logits: torch.Tensor) -> RequestOutput | None:
-        """Keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens."""
-        tokens = verified.tokens[index]
-        num_accepted = max(len(tokens) - 1, 0)
-        seq.num_computed_tokens += num_accepted
-        self.block_manager.truncate(seq.seq_id, seq.num_computed_tokens)  # also returns blocks of unused draft room
-        if draft.token_ids and tokens:
-            stats = seq.stats
-            stats.num_drafted_tokens += len(draft.token_ids)
-            stats.num_accepted_tokens += num_accepted
-            if len(stats.acceptance_histogram) <= len(draft.token_ids):
-                stats.acceptance_histogram += [0] * (len(draft.token_ids) + 1 - len(stats.acceptance_histogram))
-            stats.acceptance_histogram[num_accepted] += 1
-        if self._draft_rolls_back:
-            self.proposer.rollback(seq.seq_id, seq.num_computed_tokens)
-        if self.draft_policy is not None:
-            self.draft_policy.record(seq.seq_id, len(draft.token_ids), num_accepted)
-        if verified.errors[index] is not None:
-            seq.error = verified.errors[index]
-            return self._finish(seq, "error")
-        rows = range(verified.row_starts[index], verified.row_starts[index] + len(tokens))
-        scores = [verified.scores[r] for r in rows] if verified.scores is not None else None
-        if seq.logprobs is not None:
-            seq.logprobs += _logprobs(torch.stack(scores), tokens, seq.params.logprobs)
-        if seq.scores is not None:
-            seq.scores += [row.float() for row in scores]
-        if seq.logits is not None:
-            seq.logits += [logits[r].float() for r in rows]
-        return self._append(seq, tokens, scores)
+    def _accept(self, windows: list[ScheduledSeq], drafts: list[Draft], verified: Verified,
+                logits: torch.Tensor) -> list[RequestOutput]:
+        """Per window: keep the accepted drafts' cache entries, roll back the rest, then append the emitted tokens.
+        Returns the outputs to report."""
+        truncate = self.block_manager.truncate
+        rollback = self.proposer.rollback if self._draft_rolls_back else None
+        policy = self.draft_policy
+        outputs = []
+        for index, (s, draft) in enumerate(zip(windows, drafts)):
+            seq, tokens = s.seq, verified.tokens[index]
+            num_drafted, num_accepted = len(draft.token_ids), max(len(tokens) - 1, 0)
+            seq.num_computed_tokens += num_accepted
+            truncate(seq.seq_id, seq.num_computed_tokens)  # also returns blocks of unused draft room
+            if num_drafted and tokens:
+                stats = seq.stats
+                stats.num_drafted_tokens += num_drafted
+                stats.num_accepted_tokens += num_accepted
+                if len(stats.acceptance_histogram) <= num_drafted:
+                    stats.acceptance_histogram += [0] * (num_drafted + 1 - len(stats.acceptance_histogram))
+                stats.acceptance_histogram[num_accepted] += 1
+            if rollback is not None:
+                rollback(seq.seq_id, seq.num_computed_tokens)
+            if policy is not None:
+                policy.record(seq.seq_id, num_drafted, num_accepted)
+            if verified.errors[index] is not None:
+                seq.error = verified.errors[index]
+                outputs.append(self._finish(seq, "error"))
+                continue
+            scores = None
+            if verified.scores is not None or seq.logits is not None:
+                rows = range(verified.row_starts[index], verified.row_starts[index] + len(tokens))
+                scores = [verified.scores[r] for r in rows] if verified.scores is not None else None
+                if seq.logprobs is not None:
+                    seq.logprobs += _logprobs(torch.stack(scores), tokens, seq.params.logprobs)
+                if seq.scores is not None:
+                    seq.scores += [row.float() for row in scores]
+                if seq.logits is not None:
+                    seq.logits += [logits[r].float() for r in rows]
+            output = self._append(seq, tokens, scores)
+            if output is not None:
+                outputs.append(output)
+        return outputs
 
     def _append(self, seq: Sequence, tokens: list[int], scores: list[torch.Tensor] | None = None) -> RequestOutput | None:
         """Append new tokens, cutting at a stop token, a stopping criterion, max_tokens or the context; finish the
@@ -465,13 +481,15 @@ def _check_token_ids(token_ids, vocab_size: int, allow_empty: bool = False) -> l
         raise TypeError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
     if len(token_ids) == 0 and not allow_empty:
         raise ValueError("the prompt is empty: give at least one token")
-    ids = []
-    for t in token_ids:
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise TypeError(f"prompt_token_ids must hold ints, found {t!r}")
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab_size})")
-        ids.append(int(t))
+    ids = list(token_ids)
+    if not all(type(t) is int for t in ids):  # (the common case of plain ints skips the per-token checks)
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise TypeError(f"prompt_token_ids must hold ints, found {t!r}")
+            ids[i] = int(t)
+    if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids
 
 

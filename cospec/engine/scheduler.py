@@ -63,6 +63,7 @@ class Scheduler:
         the target's hidden states of the positions it has not seen): cached tokens found -> tokens to reuse."""
         self.step_costs = CostModel()
         self._step_sizes = (0, 0)  # (fewest, most) tokens of an observed step
+        self._computing: dict[tuple, list[Sequence]] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -85,6 +86,7 @@ class Scheduler:
         """Pick this step's work. ``num_draft_tokens[seq_id]`` asks for room for that many drafts after a decode."""
         num_draft_tokens = num_draft_tokens or {}
         budget = self.config.max_num_batched_tokens
+        self._computing = None  # built on first use this step (_sequences_computing)
         scheduled: list[ScheduledSeq] = []
         # Decoding sequences first, then those still prefilling; each in admission order.
         decoding = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
@@ -134,6 +136,8 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         seq.num_computed_tokens = num_cached
         self.running.append(seq)
+        if self._computing is not None:
+            self._add_computing(seq)
         if seq.stats.first_scheduled_time is None:
             seq.stats.first_scheduled_time = time.perf_counter()
             seq.stats.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
@@ -151,10 +155,29 @@ class Scheduler:
                 return prefix[: max(reusable, 0) // block_size]
         end = (len(prefix) + 1) * block_size  # the next block
         if self.block_manager.enable_prefix_caching and end <= seq.num_tokens - 1:
-            tokens = seq.token_ids[:end]
-            if any(r.num_computed_tokens < end <= r.num_tokens and r.token_ids[:end] == tokens for r in self.running):
-                return None
+            computing = self._sequences_computing().get((end, tuple(seq.token_ids[end - block_size: end])), ())
+            if computing:
+                tokens = seq.token_ids[:end]
+                if any(r.status is SequenceStatus.RUNNING and r.num_computed_tokens < end <= r.num_tokens
+                       and r.token_ids[:end] == tokens for r in computing):
+                    return None
         return prefix
+
+    def _sequences_computing(self) -> dict[tuple, list[Sequence]]:
+        """(block end, the block's tokens) -> the running sequences whose block there is not computed yet. Built once
+        per step and extended as sequences are admitted: looking each waiting request's next block up in it keeps a
+        step that admits many requests linear in their number, where comparing each with every running sequence
+        was quadratic. Entries are rechecked on use (a sequence may have been preempted since)."""
+        if self._computing is None:
+            self._computing = {}
+            for seq in self.running:
+                self._add_computing(seq)
+        return self._computing
+
+    def _add_computing(self, seq: Sequence) -> None:
+        block_size, tokens = self.block_manager.block_size, seq.token_ids
+        for end in range((seq.num_computed_tokens // block_size + 1) * block_size, seq.num_tokens + 1, block_size):
+            self._computing.setdefault((end, tuple(tokens[end - block_size: end])), []).append(seq)
 
     def _waiting_tokens(self) -> int:
         """Tokens that the waiting requests that may start this step have to prefill (after their cached prefix)."""
