@@ -377,7 +377,8 @@ class LLMEngine:
         return fuse_logits_rows([target_logits] + member_logits, specs)
 
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> Verified:
-        windows = [Window(d.token_ids, s.params, s.seed, s.num_output_tokens, d.probs, s.row_context())
+        windows = [Window(d.token_ids, s.params, s.seed, len(s.token_ids) - len(s.prompt_token_ids), d.probs,
+                          None if s.processor_state is None else s.row_context())
                    for s, d in zip(seqs, drafts)]
         if self.speculative is not None and self.speculative.deferral_threshold is not None:
             return defer(logits, windows, self.speculative.deferral_rollback)
@@ -421,7 +422,8 @@ class LLMEngine:
                 if seq.scores is not None:
                     seq.scores += [row.float() for row in scores]
                 if seq.logits is not None:
-                    seq.logits += [logits[r].float() for r in rows]
+                    # (copies: a row view would keep the whole step's logits alive, and be an inference tensor)
+                    seq.logits += [logits[r].float().clone() for r in rows]
             output = self._append(seq, tokens, scores)
             if output is not None:
                 outputs.append(output)

@@ -60,10 +60,7 @@ class ModelRunner:
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Logits ``[sum(num_logits), vocab_size]`` for the requested positions, sequence by sequence."""
         with torch.inference_mode():
-            logits = self._forward(items)
-        # Cloned outside inference mode into a plain tensor: callers mask it in place (min_tokens bans stop tokens),
-        # which an inference tensor refuses outside inference mode (LLMEngine.step / LLM.generate run outside it).
-        return logits.clone()
+            return self._forward(items)  # (an inference tensor: what changes logits makes a new tensor)
 
     def _forward(self, items: list[ForwardItem]) -> torch.Tensor:
         inputs, meta = self.input_batch.prepare(items)

@@ -89,13 +89,16 @@ class Scheduler:
         self._computing = None  # built on first use this step (_sequences_computing)
         scheduled: list[ScheduledSeq] = []
         # Decoding sequences first, then those still prefilling; each in admission order.
-        decoding = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens == 1]
-        prefilling = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
+        decoding, prefilling = [], []
+        for seq in self.running:
+            (decoding if len(seq.token_ids) - seq.num_computed_tokens == 1 else prefilling).append(seq)
+        try_grow, running = self.block_manager.try_grow, SequenceStatus.RUNNING
         for seq in decoding:
-            if seq.status != SequenceStatus.RUNNING or budget <= 0:
+            if seq.status is not running or budget <= 0:
                 continue  # preempted by an earlier sequence of this loop, or no budget left
-            drafts = max(0, min(num_draft_tokens.get(seq.seq_id, 0), budget - 1))
-            if not self._make_room(seq, seq.num_computed_tokens + 1 + drafts, scheduled):
+            drafts = max(0, min(num_draft_tokens.get(seq.seq_id, 0), budget - 1)) if num_draft_tokens else 0
+            new_length = seq.num_computed_tokens + 1 + drafts
+            if not try_grow(seq.seq_id, new_length) and not self._make_room(seq, new_length, scheduled):
                 continue  # seq itself was preempted
             scheduled.append(ScheduledSeq(seq, 1, drafts))
             budget -= 1 + drafts
