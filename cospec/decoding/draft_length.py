@@ -109,11 +109,13 @@ class CostModel:
 
     def step_seconds(self, num_tokens: int) -> float:
         """Predicted time of a forward over ``num_tokens`` tokens."""
-        measured = self._by_size.get(num_tokens)
-        if measured is not None:
-            return measured
+        return self.predictor()(num_tokens)
+
+    def predictor(self) -> Callable[[int], float]:
+        """``step_seconds`` with the fit solved once, for many predictions before the next observation."""
         a, b = self.coefficients()
-        return a + b * num_tokens
+        by_size = self._by_size
+        return lambda num_tokens: by_size.get(num_tokens, a + b * num_tokens)
 
 
 class DraftLengthPolicy:
@@ -179,14 +181,14 @@ class DraftLengthPolicy:
     def _best_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> dict[int, int]:
         """Per-sequence draft lengths: the greedy drafts up to the total that maximizes the step's expected
         throughput."""
-        draft_cost = self.costs.draft_cost_per_token
+        draft_cost, step_seconds, padded = self.costs.draft_cost_per_token, self.costs.predictor(), self.padded_tokens
         emitted = float(len(rates))
-        best_rate, best_total = emitted / self.costs.step_seconds(self.padded_tokens(base_tokens)), 0
+        best_rate, best_total = emitted / step_seconds(padded(base_tokens)), 0
         order = []  # the sequence of each greedy draft
         for total, (s, gain) in enumerate(self._greedy_drafts(rates), start=1):
             order.append(s)
             emitted += gain
-            rate = emitted / (self.costs.step_seconds(self.padded_tokens(base_tokens + total)) + draft_cost * total)
+            rate = emitted / (step_seconds(padded(base_tokens + total)) + draft_cost * total)
             if rate > best_rate:
                 best_rate, best_total = rate, total
         k = dict.fromkeys(rates, 0)
