@@ -169,6 +169,27 @@ def test_reference_layout_is_reused_across_calls():
     _assert_close(second, _dense_attention(query, values, keys, (3, 1), 1 / 8, 4), 1e-12, 1e-12, "layout")
 
 
+@pytest.mark.parametrize("q_len,seq_len", [(1, 37), (5, 40), (16, 16), (1, 1)])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_reference_reads_a_lone_sequence_in_place_when_its_blocks_lie_in_a_row(q_len, seq_len, consecutive):
+    # One sequence whose blocks are consecutive (from block 2 on: not at the start of the pool) is read as a slice
+    # of the pool; scattered blocks are gathered. Both equal dense attention, and neither reads an unwritten slot.
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _paged_batch((q_len,), (seq_len,), 6, 2, 64,
+                                                                          block_size=4, dtype=torch.float64)
+    num_blocks = -(-seq_len // 4)
+    blocks = torch.arange(2, 2 + num_blocks) if consecutive else torch.arange(2 + num_blocks - 1, 1, -1)
+    k_pool, v_pool = torch.full_like(k_pool, float("nan")), torch.full_like(v_pool, float("nan"))
+    k_pool = torch.cat([k_pool, k_pool[: 8 * 4]])  # room for blocks up to 2 + num_blocks
+    v_pool = torch.cat([v_pool, v_pool[: 8 * 4]])
+    slots = (blocks[:, None] * 4 + torch.arange(4)).flatten()[:seq_len]
+    k_pool[slots], v_pool[slots] = keys[0], values[0]
+    tables = blocks.to(torch.int32)[None]
+    layout = pa_mod.GatherLayout(tables, lens, qsl, 4)
+    assert (layout.single_run_start == 8) == (consecutive or num_blocks == 1)
+    out = pa_mod.paged_attention_ref(query, k_pool, v_pool, tables, lens, qsl, 4, None, layout=layout)
+    _assert_close(out, _dense_attention(query, keys, values, (q_len,), 1 / 8), 1e-12, 1e-12, "lone sequence")
+
+
 # ---- bad input ----
 
 

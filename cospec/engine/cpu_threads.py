@@ -204,10 +204,15 @@ class CpuLinears:
         return self.choice.setting.plan.rows_for(rows)
 
     @contextlib.contextmanager
-    def forward(self, rows: int):
-        """Inside the block: the fast linears and thread count for a forward of ``rows`` rows."""
+    def forward(self, rows: int, head_rows: int | None = None):
+        """Inside the block: the fast linears and thread count for a forward of ``rows`` rows (``head_rows`` of
+        them through the LM head; all by default)."""
         setting = self.choice.setting_for(rows, self.linears, self._check_layers)
-        with torch_threads(setting.threads), fast_cpu_linears(self.linears, setting.plan):
+        plan = setting.plan
+        # Where the plan says F.linear for every layer of this forward, the layers run as they are (routing them
+        # through fast_linear_forward would only add a Python call per layer).
+        plain = plan.path_for(rows) == "linear" and plan.path_for(rows if head_rows is None else head_rows) == "linear"
+        with torch_threads(setting.threads), contextlib.nullcontext() if plain else fast_cpu_linears(self.linears, plan):
             start = time.perf_counter()
             yield
             self.observe(setting, rows, time.perf_counter() - start)

@@ -74,7 +74,9 @@ class ModelRunner:
             kwargs["input_ids"] = inputs.input_ids[None]
         capture = (capture_aux_hidden_states(self.model, self.capture_layers) if self.capture_layers
                    else contextlib.nullcontext())
-        with self._cospec_mode(len(inputs.input_ids)), attention.step_context(meta, self.pool), capture as captured:
+        head_rows = len(inputs.logit_rows) if self._has_logits_to_keep else None
+        with (self._cospec_mode(len(inputs.input_ids), head_rows), attention.step_context(meta, self.pool),
+              capture as captured):
             out = self.model(position_ids=inputs.positions[None], **kwargs)
         if captured is not None:
             self.aux_hidden_states = torch.cat(captured, dim=-1)[0]
@@ -95,9 +97,9 @@ class ModelRunner:
         return embeds
 
     @contextlib.contextmanager
-    def _cospec_mode(self, num_tokens: int):
+    def _cospec_mode(self, num_tokens: int, num_logits: int | None = None):
         """Switch the model to paged attention (and, on the CPU, to the linear paths and thread count chosen for
-        ``num_tokens`` rows) for one forward, then restore it."""
+        ``num_tokens`` rows, ``num_logits`` of them through the LM head) for one forward, then restore it."""
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
@@ -105,7 +107,7 @@ class ModelRunner:
         if self.num_layers is not None:
             self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
-            with self.cpu_linears.forward(num_tokens) if self.cpu_linears else contextlib.nullcontext():
+            with self.cpu_linears.forward(num_tokens, num_logits) if self.cpu_linears else contextlib.nullcontext():
                 yield
         finally:
             config._attn_implementation = previous

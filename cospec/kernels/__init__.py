@@ -26,7 +26,7 @@ def _triton_on(device_type: str) -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor``'s op should run as a Triton kernel rather than its torch reference."""
-    return _triton_on(tensor.device.type)
+    return tensor.is_cuda and _triton_on("cuda")
 
 
 def backend_name(device: torch.device | str = "cuda") -> str:

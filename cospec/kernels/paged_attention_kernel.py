@@ -390,6 +390,8 @@ class GatherLayout:
         sequence's length are masked, but a masked key still multiplies its value by 0, so they must be finite:
         they are zeroed in the copy (the unused tail of a sequence's last block was never written, or holds another
         request's stale values; block columns past its own blocks repeat its first block, only to index validly)."""
+        if self.single_run_start is not None:  # one sequence whose blocks lie in a row: a view, no copy
+            return pool[self.single_run_start: self.single_run_start + self.max_kv_len].unsqueeze(0)
         num_blocks = self.block_gather_index.shape[1]
         shape = (self.num_seqs * num_blocks, self.block_size, *pool.shape[1:])
         out = self._buffers[buffer]
@@ -400,6 +402,17 @@ class GatherLayout:
         if self.tail_index is not None:
             out.view(-1, *pool.shape[1:]).index_fill_(0, self.tail_index, 0)
         return out.view(self.num_seqs, num_blocks * self.block_size, *pool.shape[1:])[:, : self.max_kv_len]
+
+    @functools.cached_property
+    def single_run_start(self) -> int | None:
+        """First slot of the keys when the batch is one sequence whose blocks are consecutive in the pool (as a
+        lone request's usually are): its keys are then one slice of the pool. None otherwise."""
+        if self.num_seqs != 1:
+            return None
+        blocks = self.block_tables[0, : -(-self.max_kv_len // self.block_size)]
+        if blocks.shape[0] > 1 and not bool((blocks.diff() == 1).all()):
+            return None
+        return int(blocks[0]) * self.block_size
 
     @functools.cached_property
     def block_gather_index(self) -> torch.Tensor:  # [num_seqs, ceil(max_kv_len / block_size)] int64
