@@ -45,6 +45,7 @@ class Replay:
 @dataclass
 class RunResult:
     ttfts: list[float]  # seconds, per request
+    turns: list[int]  # per request: its turn in the conversation (0: the first)
     num_output_tokens: int
     seconds: float  # first arrival to last answer
     hit_rate: float  # prefix-cache hit tokens / looked-up tokens
@@ -67,7 +68,7 @@ def replay(engine: LLMEngine, workload: Replay, max_tokens: int) -> RunResult:
     arrivals = [(c / workload.rate, c, 0) for c in range(len(workload.conversations))]  # (seconds, conv, turn)
     heapq.heapify(arrivals)
     arrived: dict[str, float] = {}
-    ttfts, num_output_tokens, last_finish = [], 0, 0.0
+    ttfts, turns, num_output_tokens, last_finish = [], [], 0, 0.0
     total = sum(len(turns) for turns in workload.conversations)
     start = time.perf_counter()
     with tqdm(total=total, desc=f"{workload.name}, prefix caching "
@@ -93,6 +94,7 @@ def replay(engine: LLMEngine, workload: Replay, max_tokens: int) -> RunResult:
                     continue
                 c, turn = map(int, out.request_id.split("-"))
                 ttfts.append(out.stats.first_token_time - arrived[out.request_id])
+                turns.append(turn)
                 num_output_tokens += len(out.output_token_ids)
                 last_finish = out.stats.finish_time - start
                 bar.update()
@@ -102,7 +104,7 @@ def replay(engine: LLMEngine, workload: Replay, max_tokens: int) -> RunResult:
                     heapq.heappush(arrivals, (time.perf_counter() - start, c, turn + 1))
     bm = engine.block_manager
     hit_rate = bm.num_prefix_hit_tokens / bm.num_prefix_query_tokens if bm.num_prefix_query_tokens else 0.0
-    return RunResult(ttfts, num_output_tokens, last_finish, hit_rate)
+    return RunResult(ttfts, turns, num_output_tokens, last_finish, hit_rate)
 
 
 def system_prompt(tokenizer, num_tokens: int) -> str:
@@ -167,7 +169,11 @@ def summary(workload: Replay, runs: dict[bool, list[RunResult]]) -> dict:
     def median_of(caching: bool, value) -> float:
         return statistics.median(value(r) for r in runs[caching])
 
+    def later_turns(r: RunResult) -> list[float]:
+        return [t for t, turn in zip(r.ttfts, r.turns) if turn > 0]
+
     pairs = list(zip(runs[True], runs[False]))
+    has_later_turns = all(later_turns(r) for r in runs[True] + runs[False])
     return {
         "workload": workload.name, "rate": workload.rate, "num_requests": len(runs[True][0].ttfts),
         "ttft_median_on": median_of(True, lambda r: statistics.median(r.ttfts)),
@@ -179,6 +185,10 @@ def summary(workload: Replay, runs: dict[bool, list[RunResult]]) -> dict:
         "hit_rate": median_of(True, lambda r: r.hit_rate),
         "ttft_ratio": statistics.median(statistics.median(off.ttfts) / statistics.median(on.ttfts) for on, off in pairs),
         "throughput_ratio": statistics.median(on.tokens_per_s / off.tokens_per_s for on, off in pairs),
+        # The turns after the first: the requests that have an earlier turn of their own to reuse.
+        "later_turns_ttft_ratio": statistics.median(
+            statistics.median(later_turns(off)) / statistics.median(later_turns(on)) for on, off in pairs)
+        if has_later_turns else None,
     }
 
 
@@ -186,13 +196,14 @@ def report(rows: list[dict], args) -> str:
     lines = [f"### Prefix caching: {args.model}, greedy, {args.max_tokens} new tokens per turn, median of "
              f"{args.repeats} interleaved runs", "",
              "| workload | rate (/s) | requests | TTFT median off / on (s) | TTFT mean off / on (s) | TTFT off / on | "
-             "tokens/s off / on | throughput on / off | prefix-cache hit rate |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s off / on | throughput on / off | prefix-cache hit rate | TTFT off / on, turns after the first |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['rate']:g} | {r['num_requests']} | {r['ttft_median_off']:.2f} / "
                      f"{r['ttft_median_on']:.2f} | {r['ttft_mean_off']:.2f} / {r['ttft_mean_on']:.2f} | "
                      f"{r['ttft_ratio']:.1f}x | {r['tokens_per_s_off']:.1f} / {r['tokens_per_s_on']:.1f} | "
-                     f"{r['throughput_ratio']:.2f}x | {r['hit_rate']:.0%} |")
+                     f"{r['throughput_ratio']:.2f}x | {r['hit_rate']:.0%} | "
+                     + ("" if r["later_turns_ttft_ratio"] is None else f"{r['later_turns_ttft_ratio']:.1f}x") + " |")
     return "\n".join(lines) + "\n"
 
 

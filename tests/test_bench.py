@@ -150,3 +150,18 @@ def test_bench_batches_are_full():
     assert batches(["a", "b"], 4) == [(0, ["a", "b", "a", "b"])]
     assert batches(["a", "b", "c"], 2) == [(0, ["a", "b"]), (2, ["c", "a"])]
     assert batches(["a", "b"], 1) == [(0, ["a"]), (1, ["b"])]
+
+
+def test_prefix_cache_summary_reports_the_turns_after_the_first_apart():
+    from benchmarks.bench_prefix_cache import Replay, RunResult, summary
+
+    # First turns take 1 s either way; later turns 4 s without the cache and 1 s with it.
+    on = RunResult(ttfts=[1.0, 1.0, 1.0, 1.0], turns=[0, 1, 0, 1], num_output_tokens=40, seconds=10.0, hit_rate=0.5)
+    off = RunResult(ttfts=[1.0, 4.0, 1.0, 4.0], turns=[0, 1, 0, 1], num_output_tokens=40, seconds=20.0, hit_rate=0.0)
+    row = summary(Replay("chat", [["a", "b"]] * 2, None, 0.5), {True: [on], False: [off]})
+    assert row["ttft_ratio"] == 2.5 / 1.0  # medians over every request
+    assert row["later_turns_ttft_ratio"] == 4.0
+    assert row["throughput_ratio"] == 2.0
+    one_turn = RunResult(ttfts=[1.0], turns=[0], num_output_tokens=1, seconds=1.0, hit_rate=0.0)
+    assert summary(Replay("system", [["q"]], "s", 1.0), {True: [one_turn], False: [one_turn]})[
+        "later_turns_ttft_ratio"] is None

@@ -124,6 +124,19 @@ def verify(
     return Verified(tokens, errors, scores, starts[:-1])
 
 
+def verify_plain_greedy(logits: torch.Tensor) -> Verified:
+    """``verify`` for windows without drafts whose requests are greedy with no logits processing and no scores
+    asked for (plain greedy decoding, one row each): each row's argmax, without building per-window state."""
+    best, target_tokens = logits.max(dim=-1)  # (max propagates NaN and +inf, as in verify)
+    tokens = [[t] for t in target_tokens.tolist()]
+    errors: list[str | None] = [None] * len(tokens)
+    is_bad_row = ~torch.isfinite(best)
+    if bool(is_bad_row.any()):
+        for i in is_bad_row.nonzero()[:, 0].tolist():
+            errors[i], tokens[i] = _error_message(logits[i: i + 1]), []
+    return Verified(tokens, errors, None, list(range(len(tokens))))
+
+
 def _starts(windows: list[Window]) -> list[int]:
     """First row of each window, then the total number of rows."""
     starts = [0]

@@ -22,7 +22,7 @@ from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
-from cospec.decoding.verification import Verified, Window, defer, verify
+from cospec.decoding.verification import Verified, Window, defer, verify, verify_plain_greedy
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.head_runner import HeadRunner
@@ -377,10 +377,13 @@ class LLMEngine:
         return fuse_logits_rows([target_logits] + member_logits, specs)
 
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> Verified:
+        deferring = self.speculative is not None and self.speculative.deferral_threshold is not None
+        if not deferring and all(s.is_plain_greedy for s in seqs) and not any(d.token_ids for d in drafts):
+            return verify_plain_greedy(logits)  # (a step of plain greedy decoding: no per-window state to build)
         windows = [Window(d.token_ids, s.params, s.seed, len(s.token_ids) - len(s.prompt_token_ids), d.probs,
                           None if s.processor_state is None else s.row_context())
                    for s, d in zip(seqs, drafts)]
-        if self.speculative is not None and self.speculative.deferral_threshold is not None:
+        if deferring:
             return defer(logits, windows, self.speculative.deferral_rollback)
         want_scores = any(s.logprobs is not None or s.scores is not None or s.params.stopping_criteria for s in seqs)
         return verify(logits, windows, want_scores)

@@ -124,6 +124,9 @@ class Sequence:
         self.scores: list | None = [] if params.output_scores else None
         self.logits: list | None = [] if params.output_logits else None
         self.num_new_since_output = 0
+        # Greedy with nothing that reads or changes the logits: verification takes the argmax and nothing else.
+        self.is_plain_greedy = (self.seed is None and self.processor_state is None and params.logprobs is None
+                                and not params.output_scores and not params.stopping_criteria)
 
     def row_context(self) -> RowContext | None:
         """The logits-processing context of this sequence's next position (None: no processing)."""
