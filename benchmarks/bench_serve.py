@@ -12,7 +12,9 @@ a time: plain and with the speculation flag given (``--prompt-lookup``, ``--self
 N > 1: ``cospec serve --replicas N`` on Ray Serve) and every ``--prefix-caching`` setting (``on off`` compares time
 to first token with and without the engine's prefix cache at the same load). Each run sends ``--num-requests``
 sessions of chat requests, streaming, through the ``openai`` async client: sessions arrive as a Poisson process at
-each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients; a session's turns follow one another
+each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients, each load with sessions of its own
+(one server runs the loads in turn: replaying a load's sessions at the next would find them in the prefix cache);
+a session's turns follow one another
 (``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
 replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
 Greedy by default, so every server configuration produces the same tokens and does the same work.
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [(f"{r:g} sessions/s", r, None) for r in args.rates] if args.rates else \
         [(f"concurrency {args.concurrency}", None, args.concurrency)]
     configs = [("url", [])] if args.url else configurations(args)
-    rows, served, sessions, source = [], set(), None, None
+    rows, served, sessions_per_load, source = [], set(), None, None
     for label, flags in configs:
         server = None
         if args.url:
@@ -325,17 +327,16 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready(args.startup_timeout)
             model = _served_model(url, args.api_key)
             served.add(model)
-            if sessions is None:  # built once, with the first server (which counts the system prompt's tokens)
+            if sessions_per_load is None:  # built once, with the first server (which counts the system prompt's tokens)
                 system_prompt = None
                 if args.workload == "system-prompt":
                     system_prompt = system_prompt_text(args.system_prompt_tokens,
                                                        lambda text: _count_tokens(url, args.api_key, model, text))
-                sessions, source = build_sessions(args.workload, args.num_requests, args.seed, args.max_prompt_chars,
-                                                  args.max_turns, system_prompt)
+                sessions_per_load, source = sessions_for_loads(args, len(loads), system_prompt)
             # Warm-up: one short request, not measured (a prompt no session shares: it leaves no useful prefix).
             warm_up = [Session("warm-up", [[{"role": "user", "content": "Say hello."}]])]
             asyncio.run(run_load(url, args.api_key, model, warm_up, 8, args.temperature, None, 1, 120, 0))
-            for load_label, rate, concurrency in loads:
+            for (load_label, rate, concurrency), sessions in zip(loads, sessions_per_load):
                 before = _try_scrape(url, args.api_key)
                 results, wall = asyncio.run(run_load(url, args.api_key, model, sessions, args.max_tokens,
                                                      args.temperature, rate, concurrency, args.max_duration, args.seed))
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server is not None:
                 server.stop(timeout_s=60)
-    num_requests = sum(len(s.requests) for s in sessions)
+    num_requests = sum(len(s.requests) for s in sessions_per_load[0])
     print(f"\nmodel {', '.join(sorted(served))}, {args.num_requests} sessions ({num_requests} requests) per run, "
           f"max_tokens {args.max_tokens}, temperature {args.temperature}, prompts: {source}\n")
     print(markdown_table(rows))
@@ -354,6 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def sessions_for_loads(args: argparse.Namespace, num_loads: int, system_prompt: str | None
+                       ) -> tuple[list[list[Session]], str]:
+    """The sessions of each load: ``--num-requests`` each, other conversations (or questions) for every load. One
+    server runs every load in turn, so a load that replayed the sessions of an earlier one would find their prompts
+    in the prefix cache; each configuration replays the same sessions at the same load."""
+    sessions, source = build_sessions(args.workload, args.num_requests * num_loads, args.seed, args.max_prompt_chars,
+                                      args.max_turns, system_prompt)
+    n = args.num_requests
+    return [sessions[i * n: (i + 1) * n] for i in range(num_loads)], source
 
 
 def _served_model(url: str, api_key: str) -> str:

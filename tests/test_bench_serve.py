@@ -53,3 +53,17 @@ def test_summary_reports_the_prefix_cache_hit_rate():
     assert row["prefix_cache_hit_rate"] == 0.75 and row["completed"] == 1 and row["failed"] == 1
     assert row["mean_prompt_tokens"] == 100
     assert markdown_table([row]).splitlines()[-1].endswith("| 0.75 |")
+
+
+def test_each_load_replays_sessions_of_its_own():
+    # One server runs the loads in turn: a later load must not find an earlier one's prompts in the prefix cache.
+    import argparse
+
+    from benchmarks.bench_serve import sessions_for_loads
+
+    args = argparse.Namespace(workload="multiturn", num_requests=4, seed=0, max_prompt_chars=2000, max_turns=3)
+    per_load, _ = sessions_for_loads(args, 2, None)
+    assert [len(sessions) for sessions in per_load] == [4, 4]
+    first_turns = [[s.requests[0][0]["content"] for s in sessions] for sessions in per_load]
+    assert not set(first_turns[0]) & set(first_turns[1])
+    assert sessions_for_loads(args, 2, None)[0] == per_load  # the same sessions for every configuration
