@@ -129,3 +129,51 @@ def test_new_requests_start_from_the_pooled_acceptance():
         _record(accurate, seq_id, [(10, 10)] * 5)
         accurate.release(seq_id)
     assert accurate.choose([99]) == {99: 10}
+
+
+def _greedy_loop_drafts(policy: DraftLengthPolicy, rates: dict, base_tokens: int) -> dict[int, int]:
+    """The policy's choice written as the draft-by-draft loop it stands for: a heap hands each next draft to the
+    sequence whose next draft adds the most (ties to the lower id), keeping the total with the best throughput."""
+    import heapq
+
+    step_seconds = policy.costs.step_seconds
+    emitted = float(len(rates))
+    best_rate, best_total = emitted / step_seconds(policy.padded_tokens(base_tokens)), 0
+    heap = [(-first, s, 1) for s, (first, _) in rates.items()]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        neg_gain, s, k = heapq.heappop(heap)
+        if -neg_gain < 1e-3:
+            break
+        order.append(s)
+        emitted += -neg_gain
+        total = len(order)
+        rate = emitted / (step_seconds(policy.padded_tokens(base_tokens + total))
+                          + policy.costs.draft_cost_per_token * total)
+        if rate > best_rate:
+            best_rate, best_total = rate, total
+        if k < policy.max_draft_tokens:
+            heapq.heappush(heap, (neg_gain * rates[s][1], s, k + 1))
+    k = dict.fromkeys(rates, 0)
+    for s in order[:best_total]:
+        k[s] += 1
+    return k
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_draft_choice_equals_the_draft_by_draft_greedy_loop(seed):
+    import random
+
+    rng = random.Random(seed)
+    policy = DraftLengthPolicy(max_draft_tokens=rng.choice([1, 3, 5]), padded_tokens=lambda n: -(-n // 4) * 4)
+    for num_tokens in (1, 7, 16, 40, 90):  # a step cost that grows with the padded size
+        policy.costs.observe_forward(-(-num_tokens // 4) * 4, 0.01 + 0.0004 * num_tokens * rng.uniform(0.5, 2.0))
+    policy.costs.observe_drafting(10, 0.001 * rng.random())
+    # Shuffled ids, repeated rates (ties), rates near the floor and high ones.
+    ids = rng.sample(range(1000), 40)
+    shared = (rng.random(), min(rng.random(), 0.999))
+    rates = {s: shared if rng.random() < 0.4 else (rng.choice([0.0005, rng.random(), 0.99]), min(rng.random(), 0.999))
+             for s in ids}
+    for base_tokens in (40, 41, 120):
+        assert policy._best_drafts(rates, base_tokens) == _greedy_loop_drafts(policy, rates, base_tokens)

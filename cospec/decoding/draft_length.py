@@ -26,9 +26,10 @@ probe makes it catch up on every token since it last ran).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
 
 # A draft whose acceptance probability is below this is never worth its verification.
 _MIN_ACCEPTANCE = 1e-3
@@ -180,31 +181,25 @@ class DraftLengthPolicy:
 
     def _best_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> dict[int, int]:
         """Per-sequence draft lengths: the greedy drafts up to the total that maximizes the step's expected
-        throughput."""
-        draft_cost, step_seconds, padded = self.costs.draft_cost_per_token, self.costs.predictor(), self.padded_tokens
-        emitted = float(len(rates))
-        best_rate, best_total = emitted / step_seconds(padded(base_tokens)), 0
-        order = []  # the sequence of each greedy draft
-        for total, (s, gain) in enumerate(self._greedy_drafts(rates), start=1):
-            order.append(s)
-            emitted += gain
-            rate = emitted / (step_seconds(padded(base_tokens + total)) + draft_cost * total)
-            if rate > best_rate:
-                best_rate, best_total = rate, total
-        k = dict.fromkeys(rates, 0)
-        for s in order[:best_total]:
-            k[s] += 1
-        return k
+        throughput.
 
-    def _greedy_drafts(self, rates: dict[int, tuple[float, float]]):
-        """(sequence, expected tokens it adds) of each next draft: to the sequence whose next draft adds the most
-        (``p_i * c_i^k_i``), until every sequence has ``max_draft_tokens``."""
-        heap = [(-first, s, 1) for s, (first, _) in rates.items()]
-        heapq.heapify(heap)
-        while heap:
-            neg_gain, s, k = heapq.heappop(heap)
-            if -neg_gain < _MIN_ACCEPTANCE:
-                return
-            yield s, -neg_gain
-            if k < self.max_draft_tokens:
-                heapq.heappush(heap, (neg_gain * rates[s][1], s, k + 1))
+        The greedy order hands each next draft to the sequence whose next draft adds the most (``p_i * c_i^j``);
+        since a sequence's gains only fall, that is every (sequence, draft) sorted by gain, ties to the lower
+        sequence id, then the earlier draft. Sorted once here, in float64, multiplied and summed in the order a
+        draft-by-draft loop would (the same choices to the last bit), instead of a heap walked in Python."""
+        draft_cost, step_seconds, padded = self.costs.draft_cost_per_token, self.costs.predictor(), self.padded_tokens
+        seq_ids = sorted(rates)
+        first = torch.tensor([rates[s][0] for s in seq_ids], dtype=torch.float64)
+        ratio = torch.tensor([rates[s][1] for s in seq_ids], dtype=torch.float64)
+        factors = torch.cat([first[:, None], ratio[:, None].expand(-1, self.max_draft_tokens - 1)], dim=1)
+        gains, order = factors.cumprod(dim=1).flatten().sort(descending=True, stable=True)  # [n * max_draft_tokens]
+        num = int((gains >= _MIN_ACCEPTANCE).sum())  # a draft below it is never worth its verification
+        # Expected tokens and cost of the step with the first `total` drafts, total = 0..num.
+        emitted = torch.cat([torch.tensor([float(len(rates))], dtype=torch.float64), gains[:num]]).cumsum(0)
+        seconds = torch.tensor([step_seconds(padded(base_tokens + total)) + draft_cost * total
+                                for total in range(num + 1)], dtype=torch.float64)
+        best_total = int((emitted / seconds).argmax())  # (the first of equal throughputs: the fewest drafts)
+        counts = torch.bincount(order[:best_total] // self.max_draft_tokens, minlength=len(seq_ids))
+        k = dict.fromkeys(rates, 0)
+        k.update(zip(seq_ids, counts.tolist()))
+        return k

@@ -124,17 +124,15 @@ def verify(
     return Verified(tokens, errors, scores, starts[:-1])
 
 
-def verify_plain_greedy(logits: torch.Tensor) -> Verified:
-    """``verify`` for windows without drafts whose requests are greedy with no logits processing and no scores
-    asked for (plain greedy decoding, one row each): each row's argmax, without building per-window state."""
+def verify_plain_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> Verified:
+    """``verify`` for windows whose requests are greedy with no logits processing and no scores asked for: the
+    longest prefix of each window's ``drafts`` that equals the target's argmax, then the target's token, without
+    building per-window state. A step with NaN or +inf logits goes through ``verify`` (it names each failure)."""
     best, target_tokens = logits.max(dim=-1)  # (max propagates NaN and +inf, as in verify)
-    tokens = [[t] for t in target_tokens.tolist()]
-    errors: list[str | None] = [None] * len(tokens)
-    is_bad_row = ~torch.isfinite(best)
-    if bool(is_bad_row.any()):
-        for i in is_bad_row.nonzero()[:, 0].tolist():
-            errors[i], tokens[i] = _error_message(logits[i: i + 1]), []
-    return Verified(tokens, errors, None, list(range(len(tokens))))
+    if not bool(torch.isfinite(best).all()):
+        return verify(logits, [Window(d, None) for d in drafts])
+    starts = [0, *itertools.accumulate(len(d) + 1 for d in drafts)]
+    return Verified(_verify_greedy(target_tokens, drafts), [None] * len(drafts), None, starts[:-1])
 
 
 def _starts(windows: list[Window]) -> list[int]:

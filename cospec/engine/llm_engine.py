@@ -378,8 +378,8 @@ class LLMEngine:
 
     def _verify(self, seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> Verified:
         deferring = self.speculative is not None and self.speculative.deferral_threshold is not None
-        if not deferring and all(s.is_plain_greedy for s in seqs) and not any(d.token_ids for d in drafts):
-            return verify_plain_greedy(logits)  # (a step of plain greedy decoding: no per-window state to build)
+        if not deferring and all(s.is_plain_greedy for s in seqs):  # (no per-window state to build)
+            return verify_plain_greedy(logits, [d.token_ids for d in drafts])
         windows = [Window(d.token_ids, s.params, s.seed, len(s.token_ids) - len(s.prompt_token_ids), d.probs,
                           None if s.processor_state is None else s.row_context())
                    for s, d in zip(seqs, drafts)]
