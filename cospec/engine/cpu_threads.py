@@ -212,7 +212,8 @@ class CpuLinears:
         # Where the plan says F.linear for every layer of this forward, the layers run as they are (routing them
         # through fast_linear_forward would only add a Python call per layer).
         plain = plan.path_for(rows) == "linear" and plan.path_for(rows if head_rows is None else head_rows) == "linear"
-        with torch_threads(setting.threads), contextlib.nullcontext() if plain else fast_cpu_linears(self.linears, plan):
+        linears = contextlib.nullcontext() if plain else fast_cpu_linears(self.linears, plan)
+        with torch_threads(setting.threads), linears:
             start = time.perf_counter()
             yield
             self.observe(setting, rows, time.perf_counter() - start)

@@ -19,7 +19,8 @@ class HeadRunner(ModelRunner):
         with torch.inference_mode():
             inputs, meta = self.input_batch.prepare(items)
             self.cache.slot_mapping = meta.slot_mapping
-            with self._cospec_mode(len(inputs.input_ids), len(inputs.logit_rows)), attention.step_context(meta, self.pool):
+            with (self._cospec_mode(len(inputs.input_ids), len(inputs.logit_rows)),
+                  attention.step_context(meta, self.pool)):
                 out = self.model(inputs.input_ids[None], inputs.positions[None], states[None].to(self.pool.k[0].dtype),
                                  cache=self.cache)[0]
                 out = out.index_select(0, inputs.logit_rows)  # [num_logits, H]
