@@ -475,8 +475,10 @@ class GatherLayout:
             if is_full:
                 self._masks[sliding_window] = None
             else:
-                kv_pos = torch.arange(self.max_kv_len, device=self.q_positions.device)
-                q_pos = self.q_positions[:, :, None]
+                kv_pos = torch.arange(self.max_kv_len, device=self.seq_lens.device)
+                # A decode step's one query per sequence sits at its last position (no padding rows).
+                q_pos = ((self.seq_lens.long() - 1)[:, None, None] if self.max_q_len == 1
+                         else self.q_positions[:, :, None])
                 visible = kv_pos[None, None, :] <= q_pos
                 if sliding_window is not None:
                     visible &= kv_pos[None, None, :] > q_pos - sliding_window
