@@ -380,8 +380,7 @@ class LLMEngine:
         deferring = self.speculative is not None and self.speculative.deferral_threshold is not None
         if not deferring and all(s.is_plain_greedy for s in seqs):  # (no per-window state to build)
             return verify_plain_greedy(logits, [d.token_ids for d in drafts])
-        windows = [Window(d.token_ids, s.params, s.seed, len(s.token_ids) - len(s.prompt_token_ids), d.probs,
-                          None if s.processor_state is None else s.row_context())
+        windows = [Window(d.token_ids, s.params, s.seed, s.num_output_tokens, d.probs, s.row_context())
                    for s, d in zip(seqs, drafts)]
         if deferring:
             return defer(logits, windows, self.speculative.deferral_rollback)
