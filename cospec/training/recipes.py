@@ -14,6 +14,9 @@ from cospec.training.data import messages_of
 
 MAX_MINUTES = 30.0
 """Wall-clock budget of ``cospec train-draft`` with the default recipe (data, regeneration and training)."""
+EPOCHS = 8
+"""Passes over the default data at most: the time budget ends the run first (one pass takes about 8 minutes on 2
+cores; later passes reuse the target's states and take about half that)."""
 NUM_CONVERSATIONS = 480
 """ShareGPT conversations whose first answer the target regenerates (the target's own answers are what it will be
 asked to verify; about 13 minutes of the budget for SmolLM2 on 2 cores)."""
