@@ -16,7 +16,8 @@ each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients, 
 (one server runs the loads in turn: replaying a load's sessions at the next would find them in the prefix cache);
 a session's turns follow one another
 (``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
-replayed turn by turn, ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
+replayed turn by turn with the server's own answers between the turns, as a chat client sends them (``--replies
+recorded``: ShareGPT's recorded answers instead), ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
 Greedy by default, so every server configuration produces the same tokens and does the same work.
 
 Reported per configuration and rate: completed / failed requests, output tokens/s (all output tokens over the
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run each configuration with the engine's prefix caching on, off, or both")
     parser.add_argument("--workload", choices=WORKLOADS, default="single")
     parser.add_argument("--max-turns", type=int, default=4, help="multiturn: user turns per conversation at most")
+    parser.add_argument("--replies", choices=("generated", "recorded"), default="generated",
+                        help="multiturn: the assistant turns sent back, the server's answers (as a chat client) or "
+                        "ShareGPT's recorded ones")
     parser.add_argument("--system-prompt-tokens", type=int, default=1000, help="system-prompt: its length")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--rates", type=float, nargs="+", default=None, help="Poisson arrival rates (requests/s)")
@@ -164,6 +168,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    text: str = ""  # the answer
 
     @property
     def tpot_s(self) -> float | None:
@@ -179,29 +184,33 @@ async def send(client, model: str, messages: list[dict], max_tokens: int, temper
     start = time.perf_counter()
     first = None
     usage = None
+    pieces = []
     try:
         stream = await client.chat.completions.create(
             model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, user=user, stream=True,
             stream_options={"include_usage": True})
         async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                pieces.append(chunk.choices[0].delta.content)
             if chunk.usage is not None:
                 usage = chunk.usage
     except openai.APIError as error:
         return RequestResult(False, error=f"{type(error).__name__}: {str(error)[:200]}")
     end = time.perf_counter()
     if usage is None:
-        return RequestResult(True, (first or end) - start, end - start)
-    return RequestResult(True, (first or end) - start, end - start, usage.completion_tokens, usage.prompt_tokens)
+        return RequestResult(True, (first or end) - start, end - start, text="".join(pieces))
+    return RequestResult(True, (first or end) - start, end - start, usage.completion_tokens, usage.prompt_tokens,
+                         text="".join(pieces))
 
 
 async def run_load(url: str, api_key: str, model: str, sessions: list[Session], max_tokens: int,
                    temperature: float, rate: float | None, concurrency: int | None, max_duration: float,
-                   seed: int) -> tuple[list[RequestResult], float]:
+                   seed: int, own_answers: bool = False) -> tuple[list[RequestResult], float]:
     """Run every session (Poisson arrivals at ``rate``, or ``concurrency`` clients); (results of all requests,
     wall seconds). A session's requests go one after the other; each session is its own ``user`` (the server
-    routes one user's requests to one replica)."""
+    routes one user's requests to one replica). ``own_answers``: each turn carries the answers received to the
+    earlier ones (a session stops at a failed turn: there is no answer to send back)."""
     import openai
 
     rng = random.Random(seed)
@@ -215,8 +224,15 @@ async def run_load(url: str, api_key: str, model: str, sessions: list[Session], 
     async def one(i: int, session: Session, delay: float) -> None:
         await asyncio.sleep(delay)
         async with gate:
-            for turn, messages in enumerate(session.requests):
-                results[i, turn] = await send(client, model, messages, max_tokens, temperature, session.id)
+            answers = [] if own_answers else None
+            for turn in range(len(session.requests)):
+                result = await send(client, model, session.messages(turn, answers), max_tokens, temperature,
+                                    session.id)
+                results[i, turn] = result
+                if own_answers:
+                    if not result.ok:
+                        break
+                    answers.append(result.text)
 
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=max_duration) as client:
         start = time.perf_counter()
@@ -225,7 +241,7 @@ async def run_load(url: str, api_key: str, model: str, sessions: list[Session], 
         for task in pending:
             task.cancel()
         wall = time.perf_counter() - start
-    return [results.get((i, turn), RequestResult(False, error="cut at --max-duration"))
+    return [results.get((i, turn), RequestResult(False, error="cut at --max-duration or after a failed turn"))
             for i, session in enumerate(sessions) for turn in range(len(session.requests))], wall
 
 
@@ -339,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             for (load_label, rate, concurrency), sessions in zip(loads, sessions_per_load):
                 before = _try_scrape(url, args.api_key)
                 results, wall = asyncio.run(run_load(url, args.api_key, model, sessions, args.max_tokens,
-                                                     args.temperature, rate, concurrency, args.max_duration, args.seed))
+                                                     args.temperature, rate, concurrency, args.max_duration, args.seed,
+                                                     own_answers=args.replies == "generated"))
                 rows.append(summarize_run(label, load_label, results, wall, before, _try_scrape(url, args.api_key)))
                 print(markdown_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
         finally:

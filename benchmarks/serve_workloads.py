@@ -3,8 +3,10 @@ other (each turn after the answer to the previous one), each request a list of c
 
 - ``single``: one request per session, the first user turn of a ShareGPT conversation.
 - ``multiturn``: ShareGPT conversations replayed turn by turn: turn k sends the conversation's first k user turns
-  with the recorded assistant replies between them (recorded, not generated, so every server configuration gets
-  the same prompts). Each turn repeats the previous turns as its prefix.
+  with assistant replies between them, as a chat client does: by default the answers the server gave to the earlier
+  turns (``Session.messages``; greedy decoding gives every server configuration the same answers), or the replies
+  recorded in ShareGPT (the same prompts whatever the server answers). Each turn repeats the previous turns as its
+  prefix.
 - ``system-prompt``: one request per session, a first user turn after a system prompt of about
   ``system_prompt_tokens`` tokens that every request shares.
 
@@ -28,7 +30,21 @@ POOL_SIZE = 4000  # conversations parsed from the start of the file (enough to s
 @dataclass(slots=True)
 class Session:
     id: str
-    requests: list[list[dict]]  # per turn, the messages sent
+    requests: list[list[dict]]  # per turn, the messages sent (with the recorded replies of earlier turns)
+
+    def messages(self, turn: int, answers: list[str] | None = None) -> list[dict]:
+        """The messages of ``turn``; with ``answers`` (the server's answers to the earlier turns), those replace the
+        recorded replies, as a chat client sends its conversation back."""
+        messages = self.requests[turn]
+        if answers is None:
+            return messages
+        if len(answers) < turn:
+            raise ValueError(f"turn {turn} needs the answers to the {turn} turns before it, got {len(answers)}")
+        messages = [dict(m) for m in messages]
+        replies = [m for m in messages if m["role"] == "assistant"]
+        for message, answer in zip(replies, answers):
+            message["content"] = answer
+        return messages
 
 
 def sharegpt_conversations(max_turn_chars: int, pool_size: int = POOL_SIZE) -> list[list[str]] | None:

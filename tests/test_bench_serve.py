@@ -19,6 +19,24 @@ def test_multiturn_sessions_replay_conversations_turn_by_turn():
         assert any(len(s.requests) > 1 for s in sessions)
 
 
+def test_multiturn_sessions_send_back_the_answers_received():
+    # A chat client sends its own conversation back: the server's answers, not the recorded replies.
+    sessions, _ = build_sessions("multiturn", 6, seed=0, max_turn_chars=2000, max_turns=3)
+    session = max(sessions, key=lambda s: len(s.requests))
+    turns = len(session.requests)
+    answers = [f"answer {k}" for k in range(turns - 1)]
+    for turn in range(turns):
+        messages = session.messages(turn, answers)
+        assert [m["content"] for m in messages if m["role"] == "assistant"] == answers[:turn]
+        assert [m for m in messages if m["role"] == "user"] == [m for m in session.requests[turn] if m["role"] == "user"]
+        assert session.messages(turn) == session.requests[turn]  # recorded replies without answers
+    assert session.requests[-1][-1]["role"] == "user"  # the session's own messages are left as they were
+    if turns > 1:
+        assert session.requests[1][1]["content"] != "answer 0"
+        with pytest.raises(ValueError, match="answers"):
+            session.messages(turns - 1, [])
+
+
 def test_system_prompt_sessions_share_one_system_prompt():
     sessions, _ = build_sessions("system-prompt", 5, seed=1, max_turn_chars=1200, system_prompt="be brief")
     assert all(len(s.requests) == 1 for s in sessions)
