@@ -111,7 +111,8 @@ class ModelRunner:
                 yield
         finally:
             config._attn_implementation = previous
-            self.config.num_hidden_layers = all_layers
+            if self.num_layers is not None:  # (a config attribute write costs ~8 us: only when one was made)
+                self.config.num_hidden_layers = all_layers
 
 
 def _check_layer_skipping(model: nn.Module, num_layers: int) -> None:
