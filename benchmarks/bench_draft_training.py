@@ -24,19 +24,23 @@ def plot(log: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    thousands = FuncFormatter(lambda value, _: f"{value / 1000:g}k")
     evaluations = log["evaluations"]
     tokens = [e["train_tokens"] for e in evaluations]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for position in range(len(evaluations[-1]["acceptance"])):
         left.plot(tokens, [e["acceptance"][position] for e in evaluations], marker=".", label=f"draft {position + 1}")
-    left.set_xlabel("training tokens")
+    left.set_xlabel("training tokens (repeated epochs count again)")
+    left.xaxis.set_major_formatter(thousands)
     left.set_ylabel("held-out acceptance (drafts 1..s all right)")
     left.set_title("acceptance per draft position")
     left.legend(fontsize=8)
     for chain in sorted({min(4, len(evaluations[-1]["acceptance"])), len(evaluations[-1]["acceptance"])}):
         right.plot(tokens, [1 + sum(e["acceptance"][:chain]) for e in evaluations], marker=".", label=f"{chain} drafts")
-    right.set_xlabel("training tokens")
+    right.set_xlabel("training tokens (repeated epochs count again)")
+    right.xaxis.set_major_formatter(thousands)
     right.set_ylabel("mean accepted length (tokens per target forward)")
     right.set_title("mean accepted length of a chain")
     right.legend(fontsize=8)
