@@ -158,6 +158,27 @@ def test_32_concurrent_requests_equal_each_alone(server, model_dir, llm):
     assert asyncio.run(all_of_them()) == [e.text for e in expected]
 
 
+def test_load_test_sends_back_the_answers_it_received(server, model_dir, llm):
+    # bench_serve's multi-turn sessions behave as a chat client: turn 2 carries the server's answer to turn 1.
+    from benchmarks.bench_serve import run_load
+    from benchmarks.serve_workloads import Session
+
+    first_turn = [{"role": "user", "content": PROMPTS[0]}]
+    session = Session("s", [first_turn, first_turn + [{"role": "assistant", "content": "a recorded reply"},
+                                                      {"role": "user", "content": PROMPTS[1]}]])
+    results, _ = asyncio.run(run_load(server.url, "none", _model(model_dir), [session], 8, 0.0, None, 1, 60, 0,
+                                      own_answers=True))
+    first, second = results
+    assert first.ok and second.ok
+    assert first.text == _offline(llm, PROMPTS[0], 8, chat=True).text
+    sent = session.messages(1, [first.text])
+    assert sent[1] == {"role": "assistant", "content": first.text}
+    ids = llm.tokenizer.apply_chat_template(sent, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    (expected,) = llm.generate([ids], cospec.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert second.prompt_tokens == len(ids) and second.text == expected.text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text(server, model_dir, llm, stream):
     expected = _offline(llm, "the cat sat", 30, chat=False, ignore_eos=True)
