@@ -17,7 +17,8 @@ each ``--rate`` (sessions/s), or as a closed loop of ``--concurrency`` clients, 
 a session's turns follow one another
 (``benchmarks.serve_workloads``: ``single`` first user turns of ShareGPT, ``multiturn`` ShareGPT conversations
 replayed turn by turn with the server's own answers between the turns, as a chat client sends them (``--replies
-recorded``: ShareGPT's recorded answers instead), ``system-prompt`` first user turns after one shared ``--system-prompt-tokens`` system prompt).
+recorded``: ShareGPT's recorded answers instead), ``system-prompt`` first user turns after one shared
+``--system-prompt-tokens`` system prompt).
 Greedy by default, so every server configuration produces the same tokens and does the same work.
 
 Reported per configuration and rate: completed / failed requests, output tokens/s (all output tokens over the

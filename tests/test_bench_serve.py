@@ -28,7 +28,8 @@ def test_multiturn_sessions_send_back_the_answers_received():
     for turn in range(turns):
         messages = session.messages(turn, answers)
         assert [m["content"] for m in messages if m["role"] == "assistant"] == answers[:turn]
-        assert [m for m in messages if m["role"] == "user"] == [m for m in session.requests[turn] if m["role"] == "user"]
+        users = [m for m in session.requests[turn] if m["role"] == "user"]
+        assert [m for m in messages if m["role"] == "user"] == users
         assert session.messages(turn) == session.requests[turn]  # recorded replies without answers
     assert session.requests[-1][-1]["role"] == "user"  # the session's own messages are left as they were
     if turns > 1:
