@@ -22,6 +22,7 @@ touching the other requests.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -76,8 +77,8 @@ def verify(
 ) -> Verified:
     """Tokens each window emits this step: its accepted drafts, then one target token."""
     device, vocab_size = logits.device, logits.shape[-1]
-    num_rows = [len(w.draft_token_ids) + 1 for w in windows]
-    starts = [0, *itertools.accumulate(num_rows)]
+    num_rows = [w.num_rows for w in windows]
+    starts = _row_starts(num_rows)
     has_context = any(w.context is not None for w in windows)
     processed = process_logits(logits, row_contexts(windows)) if has_context else logits
     scores = processed.to(sampling_dtype(logits), copy=True) if want_scores else None
@@ -131,16 +132,13 @@ def verify_plain_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> Verifi
     best, target_tokens = logits.max(dim=-1)  # (max propagates NaN and +inf, as in verify)
     if not bool(torch.isfinite(best).all()):
         return verify(logits, [Window(d, None) for d in drafts])
-    starts = [0, *itertools.accumulate(len(d) + 1 for d in drafts)]
+    starts = _row_starts(len(d) + 1 for d in drafts)
     return Verified(_verify_greedy(target_tokens, drafts), [None] * len(drafts), None, starts[:-1])
 
 
-def _starts(windows: list[Window]) -> list[int]:
-    """First row of each window, then the total number of rows."""
-    starts = [0]
-    for w in windows:
-        starts.append(starts[-1] + w.num_rows)
-    return starts
+def _row_starts(num_rows: Iterable[int]) -> list[int]:
+    """First row of each window (given its number of rows), then the total number of rows."""
+    return [0, *itertools.accumulate(num_rows)]
 
 
 def _row_seeds_and_positions(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +208,7 @@ def defer(
     """Confidence deferral (lossy by design): keep the small model's tokens, except that with ``rollback_below`` the
     first one the target gives less probability than that (after temperature) is replaced, BiLD style; then add
     the target's own token (argmax, or a sample from its processed distribution with keyed noise)."""
-    out, starts = [], _starts(windows)
+    out, starts = [], _row_starts(w.num_rows for w in windows)
     for w, row in zip(windows, starts):
         d = w.draft_token_ids
         window = logits[row: row + len(d) + 1]
