@@ -199,10 +199,8 @@ async def send(client, model: str, messages: list[dict], max_tokens: int, temper
     except openai.APIError as error:
         return RequestResult(False, error=f"{type(error).__name__}: {str(error)[:200]}")
     end = time.perf_counter()
-    if usage is None:
-        return RequestResult(True, (first or end) - start, end - start, text="".join(pieces))
-    return RequestResult(True, (first or end) - start, end - start, usage.completion_tokens, usage.prompt_tokens,
-                         text="".join(pieces))
+    tokens = (0, 0) if usage is None else (usage.completion_tokens, usage.prompt_tokens)
+    return RequestResult(True, (first or end) - start, end - start, *tokens, text="".join(pieces))
 
 
 async def run_load(url: str, api_key: str, model: str, sessions: list[Session], max_tokens: int,
