@@ -12,6 +12,8 @@ from _tiny_models import one_thread, random_prompt, save_tiny_llama_dir, tiny_mo
 import cospec
 from cospec import EngineConfig, LLMEngine, SamplingParams
 from cospec.cli import main
+from cospec.decoding.eagle3 import Eagle3Head
+from cospec.training import objective
 from cospec.training import train_draft as trainer
 from cospec.training.corpora import BenchmarkFilter, humaneval_problems, mtbench_questions
 from cospec.training.data import Example, chat_example, messages_of
@@ -73,24 +75,24 @@ def test_training_is_deterministic_with_a_seed(target, tmp_path):
 def test_cached_target_states_equal_a_fresh_forward(target, monkeypatch):
     # Later epochs rebuild a batch from each example's cached states; they must be what the target computes.
     examples = _examples(target, 6, seed=3)
-    head = trainer.Eagle3Head.for_target(target, torch.arange(VOCAB))
-    cache = trainer.TargetStateCache(1 << 30)
-    first = trainer.make_batch(examples[:3], "cpu")
+    head = Eagle3Head.for_target(target, torch.arange(VOCAB))
+    cache = objective.TargetStateCache(1 << 30)
+    first = objective.make_batch(examples[:3], "cpu")
     cache.states(target, head, first, [0, 1, 2])
     regrouped = [examples[2], examples[0]]  # another batch of the same examples, another width
-    batch = trainer.make_batch(regrouped, "cpu")
+    batch = objective.make_batch(regrouped, "cpu")
     def no_forward(*args):
         raise AssertionError("every example is cached: the target must not run")
 
-    monkeypatch.setattr(trainer, "target_states", no_forward)
+    monkeypatch.setattr(objective, "target_states", no_forward)
     aux, hidden = cache.states(target, head, batch, [2, 0])
     monkeypatch.undo()
-    fresh_aux, fresh_hidden = trainer.target_states(target, head, batch)
+    fresh_aux, fresh_hidden = objective.target_states(target, head, batch)
     for row, length in enumerate(batch.lengths.tolist()):
         torch.testing.assert_close(aux[row, :length], fresh_aux[row, :length])
         torch.testing.assert_close(hidden[row, :length], fresh_hidden[row, :length])
     assert cache.num_bytes > 0
-    tiny = trainer.TargetStateCache(0)  # no room: nothing kept, the forward runs every time
+    tiny = objective.TargetStateCache(0)  # no room: nothing kept, the forward runs every time
     tiny.states(target, head, first, [0, 1, 2])
     assert tiny.num_bytes == 0 and not tiny._states
 
