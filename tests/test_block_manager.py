@@ -20,7 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cospec.engine.block_manager import BlockManager, OutOfBlocksError
+from cospec.engine.block_manager import BlockManager, OutOfBlocksError, RegionBlockManager
 
 # ---- exact cases ---------------------------------------------------------------------------------------------
 
@@ -162,6 +162,32 @@ def test_prefix_caching_off():
     assert bm.num_prefix_query_tokens == 0
 
 
+def test_regions_hold_each_sequence_in_a_run_of_its_own():
+    bm = RegionBlockManager(num_regions=3, region_blocks=4, block_size=2)
+    bm.allocate(7, [], 3)  # the lowest free region: 0
+    bm.grow(8, 2)  # region 1
+    bm.grow(7, 8)
+    assert bm.block_tables == {7: [0, 1, 2, 3], 8: [4]}
+    assert bm.slots(7, 0, 8).tolist() == list(range(8))
+    assert (bm.region_of(7), bm.region_of(8), bm.num_free_blocks, bm.max_blocks_per_seq) == (0, 1, 4, 4)
+    assert not bm.try_grow(7, 9) and not bm.can_grow(7, 9)  # a region is never outgrown
+    with pytest.raises(OutOfBlocksError):
+        bm.grow(7, 9)
+    assert bm.block_tables[7] == [0, 1, 2, 3]
+    bm.truncate(7, 3)  # rolled back, then grown again: the same blocks
+    bm.grow(7, 6)
+    assert bm.block_tables[7] == [0, 1, 2]
+    bm.free(7)
+    bm.grow(9, 1)  # region 0 again (lowest first)
+    assert bm.block_tables[9] == [0] and bm.num_free_blocks == 4
+    assert not bm.can_allocate([], 9) and bm.can_allocate([], 8)  # longer than a region
+    bm.grow(10, 1)
+    assert not bm.can_allocate([], 1) and not bm.try_grow(11, 1)  # every region taken
+    assert bm.lookup([1, 2, 3, 4], 4) == []  # no prefix cache
+    with pytest.raises(ValueError, match="positive"):
+        RegionBlockManager(num_regions=0, region_blocks=4, block_size=2)
+
+
 # ---- stateful property test ----------------------------------------------------------------------------------
 
 NUM_SEQS = 4
@@ -253,6 +279,65 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class RegionBlockManagerMachine(RuleBasedStateMachine):
+    """Grow / truncate / free in regions: a sequence's block j is always block region * region_blocks + j, no two
+    live sequences share a region, a sequence grows exactly while it fits its region and a free region exists for
+    it, and a freed region is handed out again, lowest first."""
+
+    @initialize(num_regions=st.integers(1, 4), region_blocks=st.integers(1, 4), block_size=st.integers(1, 3))
+    def setup(self, num_regions: int, region_blocks: int, block_size: int) -> None:
+        self.bm = RegionBlockManager(num_regions, region_blocks, block_size)
+        self.model: dict[int, int] = {}  # seq_id -> length
+        self.regions: dict[int, int] = {}  # seq_id -> region, for sequences holding blocks
+
+    @rule(seq_id=st.integers(0, NUM_SEQS - 1), extra=st.integers(0, 10))
+    def grow(self, seq_id: int, extra: int) -> None:
+        bm = self.bm
+        new_length = self.model.get(seq_id, 0) + extra
+        has_region = seq_id in self.regions
+        free_regions = sorted(set(range(bm.num_blocks // bm.region_blocks)) - set(self.regions.values()))
+        fits = -(-new_length // bm.block_size) <= bm.region_blocks
+        ok = new_length == 0 or len(bm.block_tables.get(seq_id, ())) * bm.block_size >= new_length or (
+            fits and (has_region or bool(free_regions)))
+        assert bm.try_grow(seq_id, new_length) == ok
+        if not ok:
+            return
+        self.model[seq_id] = new_length
+        if not has_region and bm.block_tables[seq_id]:
+            self.regions[seq_id] = free_regions[0]
+        assert bm.region_of(seq_id) == self.regions.get(seq_id)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def truncate(self, data) -> None:
+        seq_id = data.draw(st.sampled_from(sorted(self.model)))
+        new_length = data.draw(st.integers(0, self.model[seq_id]))
+        self.bm.truncate(seq_id, new_length)
+        self.model[seq_id] = new_length
+
+    @rule(seq_id=st.integers(0, NUM_SEQS - 1))
+    def free(self, seq_id: int) -> None:
+        self.bm.free(seq_id)
+        self.model.pop(seq_id, None)
+        self.regions.pop(seq_id, None)
+
+    @invariant()
+    def blocks_lie_in_their_regions(self) -> None:
+        bm = self.bm
+        for seq_id, length in self.model.items():
+            table = bm.block_tables[seq_id]
+            assert len(table) == -(-length // bm.block_size) and bm.lengths[seq_id] == length
+            if table:
+                base = self.regions[seq_id] * bm.region_blocks
+                assert table == list(range(base, base + len(table)))
+        assert len(set(self.regions.values())) == len(self.regions)
+        assert bm.num_free_blocks == bm.num_blocks - len(self.regions) * bm.region_blocks
+
+
+TestRegionBlockManagerMachine = RegionBlockManagerMachine.TestCase
+TestRegionBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
 # ---- stateful property test with prefix caching ----------------------------------------------------------------

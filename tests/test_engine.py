@@ -10,7 +10,7 @@ import pytest
 import torch
 from _tiny_models import one_thread, random_prompt, tiny_model  # noqa: F401 (fixture)
 
-from cospec import EngineConfig, LLMEngine, SamplingParams
+from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
 
 VOCAB = 128
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +120,40 @@ def test_block_size_does_not_change_the_output(model, block_size):
     done = run_all(engine, requests)
     for request_id, (prompt, params) in requests.items():
         assert done[request_id].output_token_ids == alone(model, prompt, params), request_id
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers
+@pytest.mark.parametrize("speculate", [False, True])
+def test_kv_regions_give_the_same_outputs(model, family, speculate):
+    """Each sequence's K/V in a region of its own, read in place: the same tokens as one shared pool, for ragged
+    prompts, greedy and seeded sampling, verify windows, sequences finishing at different times (regions between
+    running ones fall free: padding rows) and later requests taking over freed regions."""
+    net = model if family == "llama" else tiny_model(family, vocab_size=VOCAB)
+    lengths, max_tokens = [5, 40, 17, 1, 33, 8], [20, 6, 24, 12, 3, 16]
+    # Prompts that repeat themselves, so that prompt lookup drafts.
+    requests = {f"r{i}": ((random_prompt(n // 2 + 1, VOCAB, seed=300 + i) * 2)[:n],
+                          _params("greedy" if i % 2 else "seeded", i, m))
+                for i, (n, m) in enumerate(zip(lengths, max_tokens))}
+    spec = SpeculativeConfig(method="prompt_lookup", num_draft_tokens=4, adaptive=False) if speculate else None
+    shared = run_all(LLMEngine(net, EngineConfig(num_kv_blocks=64, block_size=4), speculative=spec), requests)
+    engine = LLMEngine(net, EngineConfig(kv_region_tokens=50, block_size=4, max_num_seqs=4), speculative=spec)
+    assert engine.block_manager.region_blocks == 13 and engine.block_manager.num_blocks == 52
+    in_regions = run_all(engine, requests)
+    for request_id in requests:
+        assert in_regions[request_id].output_token_ids == shared[request_id].output_token_ids, request_id
+
+
+def test_kv_regions_refuse_a_request_longer_than_a_region_and_conflicting_sizes(model):
+    engine = LLMEngine(model, EngineConfig(kv_region_tokens=16, block_size=4, max_num_seqs=2))
+    with pytest.raises(ValueError, match="region holds only 4.*kv_region_tokens"):
+        engine.add_request("long", random_prompt(10, VOCAB, seed=1), SamplingParams(max_tokens=7))
+    engine.add_request("fits", random_prompt(10, VOCAB, seed=1), SamplingParams(max_tokens=6))
+    assert len(drain(engine)["fits"].output_token_ids) == 6
+    for sizes in [dict(num_kv_blocks=8), dict(kv_cache_memory_bytes=1 << 20)]:
+        with pytest.raises(ValueError, match="kv_region_tokens sizes the KV pool"):
+            EngineConfig(kv_region_tokens=16, **sizes)
+    with pytest.raises(ValueError, match="kv_region_tokens must be positive"):
+        EngineConfig(kv_region_tokens=0)
 
 
 # ---- (d) bad input -------------------------------------------------------------------------------------------

@@ -190,6 +190,55 @@ def test_reference_reads_a_lone_sequence_in_place_when_its_blocks_lie_in_a_row(q
     _assert_close(out, _dense_attention(query, keys, values, (q_len,), 1 / 8), 1e-12, 1e-12, "lone sequence")
 
 
+def _region_batch(q_lens, seq_lens, regions, num_heads, num_kv_heads, head_dim, region_blocks=4, block_size=4,
+                  num_regions=8, seed=0):
+    """A ragged batch laid out in regions (RegionBlockManager): sequence i's block j is block regions[i] *
+    region_blocks + j. Slots a sequence has not written hold finite junk (a zeroed pool's zeros, or its own rejected
+    drafts); regions no sequence of the batch owns hold NaN (only padding rows read them)."""
+    gen = torch.Generator().manual_seed(seed)
+    region_slots = region_blocks * block_size
+    k_pool = torch.full((num_regions * region_slots, num_kv_heads, head_dim), float("nan"), dtype=torch.float64)
+    v_pool = k_pool.clone()
+    tables = torch.zeros(len(seq_lens), region_blocks, dtype=torch.int32)
+    keys, values = [], []
+    for i, (region, n) in enumerate(zip(regions, seq_lens)):
+        tables[i] = torch.arange(region * region_blocks, (region + 1) * region_blocks, dtype=torch.int32)
+        start = region * region_slots
+        k_pool[start: start + region_slots] = torch.randn(region_slots, num_kv_heads, head_dim, generator=gen)
+        v_pool[start: start + region_slots] = torch.randn(region_slots, num_kv_heads, head_dim, generator=gen)
+        keys.append(k_pool[start: start + n].clone())
+        values.append(v_pool[start: start + n].clone())
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen, dtype=torch.float64)
+    qsl = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32)
+    return query, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl, keys, values
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,regions,in_place", [
+    ((1, 1, 1), (7, 16, 13), (0, 1, 2), True),  # decode, consecutive regions: row i is sequence i
+    ((1, 1, 1), (16, 16, 16), (2, 3, 4), True),  # every key visible: no mask at all
+    ((3, 1, 5), (9, 14, 5), (1, 2, 3), True),  # verify windows and a decode
+    ((1, 4, 1), (10, 12, 3), (0, 2, 5), True),  # gaps: regions 1, 3 and 4 are padding rows
+    ((2, 1), (6, 11), (4, 1), True),  # regions out of batch order
+    ((1, 1, 1), (5, 9, 3), (1, 2, 0), True),  # decode, regions out of order: as many tokens as rows, yet permuted
+    ((1, 1), (5, 9), (0, 7), False),  # 8 regions spanned by 2 sequences: gathered
+])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (4, 2, 80), (4, 1, 128)])
+@pytest.mark.parametrize("sliding_window,softcap", [(None, None), (5, None), (None, 20.0)])
+def test_reference_reads_sequences_in_regions_in_place(q_lens, seq_lens, regions, in_place, num_heads, num_kv_heads,
+                                                      head_dim, sliding_window, softcap):
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _region_batch(q_lens, seq_lens, regions, num_heads,
+                                                                           num_kv_heads, head_dim)
+    layout = pa_mod.GatherLayout(tables, lens, qsl, 4, region_blocks=4)
+    assert (layout.regions is not None) == in_place
+    args = (k_pool, v_pool, tables, lens, qsl, 4, None, sliding_window, softcap)
+    out = pa_mod.paged_attention_ref(query, *args, layout=layout)
+    expected = _dense_attention(query, keys, values, q_lens, 1 / math.sqrt(head_dim), sliding_window, softcap)
+    tol = 1e-12 if softcap is None else 1e-6
+    _assert_close(out, expected, tol, tol, "regions")
+    if in_place:  # the keys were read through a view of the pool, not copied
+        assert layout.gather(k_pool, 0).untyped_storage().data_ptr() == k_pool.untyped_storage().data_ptr()
+
+
 # ---- bad input ----
 
 

@@ -35,11 +35,13 @@ class StepMetadata:
     block_size: int
     max_q_len: int
     max_kv_len: int
+    region_blocks: int | None = None  # each sequence's blocks form a region this long (RegionBlockManager); or None
     layout: GatherLayout = field(init=False)  # the reference path's gather indices, built on first use
 
     def __post_init__(self) -> None:
         self.layout = GatherLayout(self.block_tables, self.seq_lens, self.query_start_loc, self.block_size,
-                                   self.max_q_len, self.max_kv_len, num_tokens=self.slot_mapping.shape[0])
+                                   self.max_q_len, self.max_kv_len, num_tokens=self.slot_mapping.shape[0],
+                                   region_blocks=self.region_blocks)
 
     @property
     def num_seqs(self) -> int:

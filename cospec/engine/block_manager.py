@@ -15,11 +15,16 @@ Terms:
 
 Free blocks come in two kinds: empty ones (handed out first) and cached ones with no user (``_evictable``, in
 release order). Both count as free: taking one never fails while either kind is left.
+
+``RegionBlockManager`` lays the pool out differently, for a batch known in advance (``cospec.generate``): each
+sequence owns a region of consecutive blocks, so that its keys and values lie in one run of the pool and the CPU
+attention path reads them in place instead of gathering them (see ``GatherLayout``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
 from collections import OrderedDict, deque
 
@@ -37,6 +42,8 @@ def block_hash(parent_hash: bytes, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
+    region_blocks: int | None = None  # blocks per sequence region (RegionBlockManager); None: one shared pool
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
@@ -72,6 +79,11 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """The most blocks one sequence can ever hold."""
+        return self.num_blocks
 
     def num_new_blocks_needed(self, seq_id: int, new_length: int) -> int:
         have = len(self.block_tables.get(seq_id, ()))
@@ -148,7 +160,7 @@ class BlockManager:
             if new_length > self.lengths[seq_id]:
                 self.lengths[seq_id] = new_length
             return True
-        if self.num_new_blocks_needed(seq_id, new_length) > self.num_free_blocks:
+        if not self._has_room(seq_id, self.num_new_blocks_needed(seq_id, new_length)):
             return False
         self.grow(seq_id, new_length)
         return True
@@ -161,13 +173,13 @@ class BlockManager:
                 self.lengths[seq_id] = new_length
             return
         needed = self.num_new_blocks_needed(seq_id, new_length)
-        if needed > self.num_free_blocks:
+        if not self._has_room(seq_id, needed):
             # Checked before the sequence is registered: a failed grow leaves no trace (no empty table behind).
             raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {self.num_free_blocks} are free")
         table = self.block_tables.setdefault(seq_id, [])
         self.lengths.setdefault(seq_id, 0)
         for _ in range(needed):
-            table.append(self._take_free())
+            table.append(self._take_free(seq_id))
         self.lengths[seq_id] = max(self.lengths[seq_id], new_length)
 
     def truncate(self, seq_id: int, new_length: int) -> None:
@@ -201,8 +213,13 @@ class BlockManager:
         for block in reversed(table or ()):
             self._release(block)
 
-    def _take_free(self) -> int:
-        """A free block for new K/V: an empty one, else the least recently released cached one (evicted)."""
+    def _has_room(self, seq_id: int, needed: int) -> bool:
+        """Whether ``needed`` more blocks can be taken for ``seq_id``."""
+        return needed <= self.num_free_blocks
+
+    def _take_free(self, seq_id: int) -> int:
+        """A free block for new K/V of ``seq_id``: an empty one, else the least recently released cached one
+        (evicted)."""
         if self._empty_blocks:
             block = self._empty_blocks.popleft()
         else:
@@ -231,3 +248,67 @@ class BlockManager:
         table = torch.tensor(self.block_tables[seq_id], dtype=torch.int64)
         positions = torch.arange(start, end, dtype=torch.int64)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+
+class RegionBlockManager(BlockManager):
+    """Each sequence owns a region of ``region_blocks`` consecutive blocks from its first allocation until it is
+    freed: its block ``j`` is always block ``region * region_blocks + j``.
+
+    So every sequence's K/V lie in one run of slots, and the regions sit at a fixed stride: the CPU attention path
+    reads a batch's keys as a strided view of the pool instead of copying them (``GatherLayout``). This suits a batch
+    whose lengths are known in advance (``cospec.generate`` sizes the regions for its longest row). A sequence can
+    never outgrow its region, and no block is shared, so there is no prefix cache. Regions are handed out lowest
+    first: sequences admitted together get consecutive regions, in admission order, which is the batch order.
+    """
+
+    def __init__(self, num_regions: int, region_blocks: int, block_size: int) -> None:
+        if num_regions <= 0 or region_blocks <= 0:
+            raise ValueError(f"num_regions and region_blocks must be positive, got {num_regions} and {region_blocks}")
+        super().__init__(num_regions * region_blocks, block_size, enable_prefix_caching=False)
+        self.region_blocks = region_blocks
+        self._empty_blocks.clear()  # blocks come from their sequence's region, never from a shared list
+        self._free_regions = list(range(num_regions))  # a min-heap
+        self._region_of: dict[int, int] = {}
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.region_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks of the regions no sequence owns (a region's unused blocks serve only its own sequence)."""
+        return len(self._free_regions) * self.region_blocks
+
+    def region_of(self, seq_id: int) -> int | None:
+        return self._region_of.get(seq_id)
+
+    def can_grow(self, seq_id: int, new_length: int, reserve: int = 0) -> bool:
+        return (self._has_room(seq_id, self.num_new_blocks_needed(seq_id, new_length))
+                and reserve <= self.num_free_blocks)
+
+    def can_allocate(self, prefix_blocks: list[int], num_tokens: int) -> bool:
+        return (not prefix_blocks and bool(self._free_regions)
+                and self.num_blocks_for(num_tokens) <= self.region_blocks)
+
+    def free(self, seq_id: int) -> None:
+        super().free(seq_id)
+        region = self._region_of.pop(seq_id, None)
+        if region is not None:
+            heapq.heappush(self._free_regions, region)
+
+    def _has_room(self, seq_id: int, needed: int) -> bool:
+        if not needed:
+            return True
+        has_region = seq_id in self._region_of or bool(self._free_regions)
+        return has_region and len(self.block_tables.get(seq_id, ())) + needed <= self.region_blocks
+
+    def _take_free(self, seq_id: int) -> int:
+        region = self._region_of.get(seq_id)
+        if region is None:
+            region = self._region_of[seq_id] = heapq.heappop(self._free_regions)
+        block = region * self.region_blocks + len(self.block_tables[seq_id])
+        self._ref_counts[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self._ref_counts[block] -= 1  # it stays in its sequence's region

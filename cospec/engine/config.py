@@ -29,6 +29,12 @@ class EngineConfig:
     packed_cpu_weights: bool = True
     """With ``fast_cpu_linear``: allow oneDNN's prepacked copies of float32/bfloat16 weights where they are faster
     (3 or more rows here). They take as much memory again as the linear weights; False saves that memory."""
+    kv_region_tokens: int | None = None
+    """Give each of the ``max_num_seqs`` sequences a fixed region of the KV pool with room for this many tokens (the
+    pool is sized from it; leave ``num_kv_blocks`` and ``kv_cache_memory_bytes`` unset). Each sequence's K/V then lie
+    in one run of the pool, and the CPU attention path reads them in place instead of gathering them every layer
+    and step. For a batch whose lengths are known in advance (``cospec.generate`` uses it); no prefix caching, and a
+    request longer than a region is refused. None: blocks come from one shared pool. See ``RegionBlockManager``."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a prompt prefix computed before (a system prompt, earlier turns of a conversation)
     instead of recomputing them; see ``cospec.engine.block_manager``."""
@@ -47,6 +53,12 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.kv_region_tokens is not None:
+            if self.kv_region_tokens <= 0:
+                raise ValueError(f"kv_region_tokens must be positive, got {self.kv_region_tokens}")
+            if self.num_kv_blocks is not None or self.kv_cache_memory_bytes is not None:
+                raise ValueError("kv_region_tokens sizes the KV pool (max_num_seqs regions); leave num_kv_blocks and "
+                                 "kv_cache_memory_bytes unset")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:

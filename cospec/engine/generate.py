@@ -167,10 +167,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor | None = None, attention_
     # room for every row's verify window.
     window = 1 + (speculative.num_draft_tokens if speculative is not None else 0)
     step_tokens = min(max(512, sum(row.num_tokens for row in rows), len(rows) * window), _MAX_STEP_TOKENS)
+    # Each row's K/V in a region of its own (attention reads them in place), unless samples of one prompt share
+    # its blocks through the prefix cache.
+    longest = max(row.num_tokens for row in rows) + max_new
+    kv_size = (dict(kv_region_tokens=longest) if num_samples == 1 else
+               dict(num_kv_blocks=sum(-(-(row.num_tokens + max_new) // block_size) for row in rows)))
     engine = LLMEngine(model, EngineConfig(
-        block_size=block_size, num_kv_blocks=sum(-(-(row.num_tokens + max_new) // block_size) for row in rows),
-        max_num_seqs=len(rows), max_num_batched_tokens=step_tokens,
-        max_model_len=_context_len(model, max(row.num_tokens for row in rows) + max_new),
+        block_size=block_size, **kv_size, max_num_seqs=len(rows), max_num_batched_tokens=step_tokens,
+        max_model_len=_context_len(model, longest),
     ), speculative=speculative, fusion=fusion)
     row_params = [_penalty_like_hf(params, num_inputs - row.num_positions) for row in rows]
     if not greedy:

@@ -139,7 +139,8 @@ class InputBatch:
         meta = StepMetadata(
             slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
             seq_lens=kernel_meta[num_seqs + 1:].to(device), query_start_loc=kernel_meta[: num_seqs + 1].to(device),
-            block_size=block_size, max_q_len=max(q_lens), max_kv_len=max_kv_len)
+            block_size=block_size, max_q_len=max(q_lens), max_kv_len=max_kv_len,
+            region_blocks=self.block_manager.region_blocks)
         return StepInputs(input_ids.to(device), positions.to(device), logit_rows.to(device)), meta
 
 

@@ -30,13 +30,17 @@ class KVCachePool:
     """Key and value pools of every layer of one model."""
 
     def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 num_layers: int | None = None) -> None:
+                 num_layers: int | None = None, zeroed: bool = False) -> None:
+        """``zeroed``: start from zeros. Attention reading whole regions in place (``RegionBlockManager``) also
+        reads, under a mask, slots never written; a masked key still multiplies its value by 0, so they must be
+        finite, which uninitialised memory need not be. Otherwise empty: a slot is always written before it is read."""
         all_layers, num_kv_heads, head_dim = kv_layout(config)
         num_layers = num_layers or all_layers
         num_slots = num_blocks * block_size
-        # One allocation per kind; per-layer views keep indexing cheap. Empty: a slot is always written before read.
-        self._k = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # One allocation per kind; per-layer views keep indexing cheap.
+        make = torch.zeros if zeroed else torch.empty
+        self._k = make(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self._v = make(num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.k = list(self._k.unbind(0))
         self.v = list(self._v.unbind(0))
         self.num_layers = num_layers

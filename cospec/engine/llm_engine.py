@@ -23,7 +23,7 @@ from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
 from cospec.decoding.verification import Verified, Window, defer, verify, verify_plain_greedy
-from cospec.engine.block_manager import BlockManager
+from cospec.engine.block_manager import BlockManager, RegionBlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.head_runner import HeadRunner
 from cospec.engine.kv_cache import kv_bytes_per_token
@@ -66,8 +66,13 @@ class LLMEngine:
         for extra in [m for m in member_models if isinstance(m, nn.Module)] + ([draft_model] if draft_model is not None and not draft_is_member else []):
             kv_per_token += kv_bytes_per_token(extra.config.get_text_config(), kv_dtype,
                                                draft_layers if extra is draft_model else None)
-        num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if config.kv_region_tokens is not None:
+            region_blocks = -(-config.kv_region_tokens // config.block_size)
+            num_blocks = config.max_num_seqs * region_blocks
+            self.block_manager = RegionBlockManager(config.max_num_seqs, region_blocks, config.block_size)
+        else:
+            num_blocks = config.num_kv_blocks or self._num_blocks_for_budget(kv_per_token)
+            self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(model, self.block_manager, num_blocks, kv_dtype, config.fast_cpu_linear,
                                   packed_cpu_weights=config.packed_cpu_weights,
                                   capture_layers=draft_head.aux_layer_ids if draft_head is not None else None)
@@ -217,10 +222,13 @@ class LLMEngine:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
                 f"context of {self.max_model_len} tokens")
         blocks = self.block_manager.num_blocks_for(total)
-        if blocks > self.block_manager.num_blocks:
+        if blocks > self.block_manager.max_blocks_per_seq:
+            limit = ("a sequence's region holds only" if self.config.kv_region_tokens is not None
+                     else "the cache has only")
+            remedy = "kv_region_tokens" if self.config.kv_region_tokens is not None else "kv_cache_memory_bytes"
             raise ValueError(
-                f"request {request_id!r} needs {blocks} KV blocks at full length; the cache has only "
-                f"{self.block_manager.num_blocks} (raise kv_cache_memory_bytes or lower max_tokens)")
+                f"request {request_id!r} needs {blocks} KV blocks at full length; {limit} "
+                f"{self.block_manager.max_blocks_per_seq} (raise {remedy} or lower max_tokens)")
         samples = [Sequence(next(self._seq_ids), request_id, prompt, params.for_sample(i), self.eos_token_ids,
                             processor_prompt, prompt_embeds, index=i)
                    for i in range(params.n)]

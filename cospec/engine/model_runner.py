@@ -40,7 +40,8 @@ class ModelRunner:
         self.num_layers = num_layers
         if num_layers is not None:
             _check_layer_skipping(model, num_layers)
-        self.pool = KVCachePool(self.config, num_blocks, block_manager.block_size, dtype, self.device, num_layers)
+        self.pool = KVCachePool(self.config, num_blocks, block_manager.block_size, dtype, self.device, num_layers,
+                                zeroed=block_manager.region_blocks is not None)
         self.cache = PagedCache(self.pool)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

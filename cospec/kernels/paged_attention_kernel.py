@@ -360,6 +360,10 @@ class GatherLayout:
     """How the reference lays a ragged batch out for SDPA: each sequence's keys gathered from the pool into
     ``[num_seqs, max_kv_len]`` rows, its queries scattered into ``[num_seqs, max_q_len]`` rows, and a causal mask.
 
+    When every sequence's blocks form a region of ``region_blocks`` blocks of its own (``RegionBlockManager``), the
+    keys are not gathered: the regions the batch spans are read as one strided view of the pool, a row per region.
+    A region between the batch's sequences that none of them owns is a padding row (its outputs are dropped).
+
     Each index tensor is built on first use and kept: the engine makes one layout per step, and every layer of
     that step's forward (same batch, another pool) reuses them. ``max_q_len``, ``max_kv_len`` and ``num_tokens``
     are read from the tensors unless the caller knows them.
@@ -367,8 +371,9 @@ class GatherLayout:
 
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                  block_size: int, max_q_len: int | None = None, max_kv_len: int | None = None,
-                 num_tokens: int | None = None) -> None:
+                 num_tokens: int | None = None, region_blocks: int | None = None) -> None:
         _check_metadata(block_tables, seq_lens, query_start_loc, block_size)
+        self.region_blocks = region_blocks
         self.block_tables = block_tables  # [num_seqs, max_blocks] int32
         self.seq_lens = seq_lens  # [num_seqs] int32
         self.query_start_loc = query_start_loc  # [num_seqs + 1] int32
@@ -381,8 +386,10 @@ class GatherLayout:
         self._buffers: list[torch.Tensor | None] = [None, None]
 
     def gather(self, pool: torch.Tensor, buffer: int) -> torch.Tensor:
-        """Each sequence's keys (or values) ``[num_seqs, max_kv_len, kv_heads, dim]`` from a pool ``[num_slots,
-        kv_heads, dim]``, written into this layout's ``buffer`` (0 for keys, 1 for values).
+        """Each sequence's keys (or values) ``[num_rows, max_kv_len, kv_heads, dim]`` from a pool ``[num_slots,
+        kv_heads, dim]``, written into this layout's ``buffer`` (0 for keys, 1 for values), or a view of the pool
+        when the sequences' blocks lie in a run (one sequence) or in regions (then the pool must hold finite values
+        in slots never written: ``KVCachePool(zeroed=True)``).
 
         Whole blocks are copied (one index per block, not per slot: several times faster on the CPU), and every
         layer reuses the two buffers (allocating two fresh multi-megabyte tensors per layer costs 10x the copy
@@ -392,6 +399,11 @@ class GatherLayout:
         request's stale values; block columns past its own blocks repeat its first block, only to index validly)."""
         if self.single_run_start is not None:  # one sequence whose blocks lie in a row: a view, no copy
             return pool[self.single_run_start: self.single_run_start + self.max_kv_len].unsqueeze(0)
+        if self.regions is not None:  # each sequence in a region of its own: a strided view, no copy
+            first, _ = self.regions
+            region_slots = self.region_blocks * self.block_size
+            rows = pool[first * region_slots: (first + self.num_rows) * region_slots]
+            return rows.view(self.num_rows, region_slots, *pool.shape[1:])[:, : self.max_kv_len]
         num_blocks = self.block_gather_index.shape[1]
         shape = (self.num_seqs * num_blocks, self.block_size, *pool.shape[1:])
         out = self._buffers[buffer]
@@ -413,6 +425,34 @@ class GatherLayout:
         if blocks.shape[0] > 1 and not bool((blocks.diff() == 1).all()):
             return None
         return int(blocks[0]) * self.block_size
+
+    @functools.cached_property
+    def regions(self) -> tuple[int, torch.Tensor | None] | None:
+        """When each sequence's blocks form a region of its own: (the first region the batch spans, the row of each
+        sequence in the view that starts there, or None when row i is sequence i). None when the keys are gathered:
+        the pool is not laid out in regions, or the batch's regions are so scattered (more than twice as many
+        spanned as there are sequences) that attending over the padding rows would cost more than gathering."""
+        if self.region_blocks is None or self.num_seqs == 1:
+            return None
+        regions = self.block_tables[:, 0].long() // self.region_blocks  # a region's first block is its block 0
+        first, last = int(regions.min()), int(regions.max())
+        if last - first + 1 > 2 * self.num_seqs:
+            return None
+        rows = regions - first
+        is_identity = last - first + 1 == self.num_seqs and bool((rows.diff() == 1).all())
+        return first, None if is_identity else rows
+
+    @functools.cached_property
+    def num_rows(self) -> int:
+        """Rows of the padded batch SDPA runs on: one per sequence, or one per spanned region."""
+        if self.regions is None:
+            return self.num_seqs
+        first, rows = self.regions
+        return self.num_seqs if rows is None else int(rows.max()) + 1
+
+    @functools.cached_property
+    def seq_rows(self) -> torch.Tensor | None:  # [num_seqs] row of each sequence; None: row i is sequence i
+        return None if self.regions is None else self.regions[1]
 
     @functools.cached_property
     def block_gather_index(self) -> torch.Tensor:  # [num_seqs, ceil(max_kv_len / block_size)] int64
@@ -441,19 +481,21 @@ class GatherLayout:
 
     @functools.cached_property
     def q_unpad_index(self) -> torch.Tensor | None:  # [num_tokens]: padded row of each packed query
-        """None when every window is max_q_len long (decode steps, equal verify windows): nothing to pad."""
-        if self.num_tokens == self.num_seqs * self.max_q_len:
+        """None when every window is max_q_len long (decode steps, equal verify windows) and row i is sequence i:
+        nothing to pad."""
+        if self.seq_rows is None and self.num_tokens == self.num_seqs * self.max_q_len:
             return None
         starts = self.query_start_loc.long()
         token_seq = torch.repeat_interleave(starts[1:] - starts[:-1], output_size=self.num_tokens)
         index_in_seq = torch.arange(self.num_tokens, device=starts.device) - starts[token_seq]
-        return token_seq * self.max_q_len + index_in_seq
+        token_row = token_seq if self.seq_rows is None else self.seq_rows[token_seq]
+        return token_row * self.max_q_len + index_in_seq
 
     @functools.cached_property
-    def q_pad_index(self) -> torch.Tensor | None:  # [num_seqs * max_q_len]: packed row of each padded query
+    def q_pad_index(self) -> torch.Tensor | None:  # [num_rows * max_q_len]: packed row of each padded query
         if self.q_unpad_index is None:
             return None
-        index = torch.zeros(self.num_seqs * self.max_q_len, dtype=torch.int64, device=self.q_unpad_index.device)
+        index = torch.zeros(self.num_rows * self.max_q_len, dtype=torch.int64, device=self.q_unpad_index.device)
         index[self.q_unpad_index] = torch.arange(self.num_tokens, device=index.device)
         return index  # padding rows repeat query 0; their outputs are dropped
 
@@ -466,7 +508,7 @@ class GatherLayout:
         return torch.where(offsets < q_lens[:, None], positions, 0)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
-        """Bool mask [num_seqs, 1, max_q_len, max_kv_len] (True = attend), or None when every key is visible."""
+        """Bool mask [num_rows, 1, max_q_len, max_kv_len] (True = attend), or None when every key is visible."""
         if sliding_window is not None and sliding_window >= self.max_kv_len:
             sliding_window = None  # the window covers everything: plain causal
         if sliding_window not in self._masks:
@@ -482,6 +524,9 @@ class GatherLayout:
                 visible = kv_pos[None, None, :] <= q_pos
                 if sliding_window is not None:
                     visible &= kv_pos[None, None, :] > q_pos - sliding_window
+                if self.seq_rows is not None:  # padding rows see every key (finite; their outputs are dropped)
+                    rows = visible.new_ones(self.num_rows, *visible.shape[1:])
+                    visible = rows.index_copy_(0, self.seq_rows, visible)
                 self._masks[sliding_window] = visible[:, None]
         return self._masks[sliding_window]
 
@@ -493,18 +538,18 @@ def paged_attention_ref(query, k_pool, v_pool, block_tables, seq_lens, query_sta
     if layout is None:  # checks the metadata
         layout = GatherLayout(block_tables, seq_lens, query_start_loc, block_size, num_tokens=query.shape[0])
     _check_inputs(query, k_pool, v_pool, layout.block_tables.device, block_size, sliding_window, softcap)
-    num_seqs, max_q = layout.num_seqs, layout.max_q_len
+    num_rows, max_q = layout.num_rows, layout.max_q_len
     num_heads, head_dim = query.shape[1:]
     q = query if layout.q_pad_index is None else query.index_select(0, layout.q_pad_index)
-    q = q.reshape(num_seqs, max_q, num_heads, head_dim)
-    k = layout.gather(k_pool, 0).transpose(1, 2)  # [num_seqs, kv_heads, max_kv, dim]
+    q = q.reshape(num_rows, max_q, num_heads, head_dim)
+    k = layout.gather(k_pool, 0).transpose(1, 2)  # [num_rows, kv_heads, max_kv, dim]
     v = layout.gather(v_pool, 1).transpose(1, 2)
     mask = layout.mask(sliding_window)
     if softcap is None:
         out = _grouped_sdpa(q, k, v, mask, scale)
     else:
         out = _softcapped_attention(q.transpose(1, 2), k, v, mask, scale, softcap).transpose(1, 2)
-    out = out.reshape(num_seqs * max_q, num_heads, head_dim)  # [num_seqs * max_q, heads, dim]
+    out = out.reshape(num_rows * max_q, num_heads, head_dim)  # [num_rows * max_q, heads, dim]
     return out if layout.q_unpad_index is None else out.index_select(0, layout.q_unpad_index)
 
 
