@@ -36,11 +36,24 @@ def test_cost_model_prefers_measured_sizes_over_the_fit():
     for num_tokens, seconds in [(1, 0.04), (4, 0.05), (16, 0.09), (32, 0.15)]:
         costs.observe_forward(num_tokens, seconds)
     assert costs.step_seconds(16) == pytest.approx(0.09)
+    assert costs.step_seconds(24) == pytest.approx(0.12)  # between close measured sizes: interpolated
     a, b = costs.coefficients()
-    assert costs.step_seconds(8) == pytest.approx(a + b * 8)
-    assert 0.05 < costs.step_seconds(8) < 0.09
+    assert costs.step_seconds(8) == pytest.approx(0.05 + max(b, 0.01 / 3) * 4)  # 16 is too far: extended from 4
+    assert costs.step_seconds(64) == pytest.approx(0.15 + 0.06 / 16 * 32)  # the slope between 16 and 32
     costs.observe_forward(16, 0.19)  # a running mean, not the last value
     assert 0.09 < costs.step_seconds(16) < 0.19
+
+
+def test_decode_sizes_are_not_predicted_from_prefill_steps():
+    # Prefill chunks cost ~1 ms per token; at decode sizes each token costs ~14 ms. A few more tokens than the
+    # batch must look as expensive as the decode sizes measured below them, not as cheap as a prefill token.
+    costs = CostModel()
+    for num_tokens, seconds in [(173, 0.251), (3, 0.060), (4, 0.074)] * 5:
+        costs.observe_forward(num_tokens, seconds)
+    a, b = costs.coefficients()
+    assert b < 0.002
+    assert costs.step_seconds(6) == pytest.approx(0.074 + 2 * 0.014)
+    assert costs.step_seconds(2) == pytest.approx(a + 2 * b)  # below every measured size: the fit
 
 
 def test_cheap_verification_and_accurate_drafts_draft_the_maximum():

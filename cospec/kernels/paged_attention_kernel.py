@@ -434,13 +434,14 @@ class GatherLayout:
         spanned as there are sequences) that attending over the padding rows would cost more than gathering."""
         if self.region_blocks is None or self.num_seqs == 1:
             return None
-        regions = self.block_tables[:, 0].long() // self.region_blocks  # a region's first block is its block 0
-        first, last = int(regions.min()), int(regions.max())
+        # A region's first block is its block 0. (A list: a few list operations cost less than tensor ops here.)
+        regions = [block // self.region_blocks for block in self.block_tables[:, 0].tolist()]
+        first, last = min(regions), max(regions)
         if last - first + 1 > 2 * self.num_seqs:
             return None
-        rows = regions - first
-        is_identity = last - first + 1 == self.num_seqs and bool((rows.diff() == 1).all())
-        return first, None if is_identity else rows
+        if regions == list(range(first, first + self.num_seqs)):
+            return first, None
+        return first, torch.tensor([r - first for r in regions], dtype=torch.int64, device=self.block_tables.device)
 
     @functools.cached_property
     def num_rows(self) -> int:
