@@ -175,6 +175,9 @@ def test_padding_is_chosen_when_a_larger_count_is_clearly_faster():
     seconds = _timings([1.0, 1.0, 1.0], packed={8: [0.4] * 3, 12: [0.9] * 3, 16: [0.4] * 3})
     plan = plan_from_seconds(seconds)
     assert [plan.rows_for(r) for r in (8, 9, 12, 16)] == [8, 16, 16, 16]
+    counts = torch.arange(200)  # elementwise over a tensor, as the draft-length policy asks
+    assert plan.rows_for(counts).tolist() == [plan.rows_for(r) for r in range(200)]
+    assert RowPlan().rows_for(counts) is counts
     assert {plan.path_for(r) for r in (8, 9, 12, 16)} == {"packed"}
     assert plan.path_for(17) == "linear"  # no timing of the path at 24-42 rows
 

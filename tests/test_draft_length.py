@@ -1,6 +1,7 @@
 """The adaptive draft length: acceptance model, measured step costs, padded rows, allocation across sequences."""
 
 import pytest
+import torch
 
 from cospec.decoding.draft_length import AcceptanceStats, CostModel, DraftLengthPolicy
 
@@ -73,7 +74,8 @@ def test_expensive_verification_or_bad_drafts_switch_drafting_off():
 
 def test_rows_that_padding_adds_are_filled_for_free():
     # A 9-token step runs as 16 rows and costs what 16 costs; 8 rows are cheaper than 16.
-    padded = lambda n: 16 if 9 <= n <= 16 else n  # noqa: E731
+    padded = lambda n: torch.where((n >= 9) & (n <= 16), 16, n) if isinstance(n, torch.Tensor) else (  # noqa: E731
+        16 if 9 <= n <= 16 else n)
     policy = _policy(max_draft_tokens=15, costs=[(1, 0.04), (8, 0.06), (16, 0.09)], padded_tokens=padded)
     _record(policy, 0, [(8, 8), (8, 0)] * 10)  # p ~ 0.5, c ~ 1
     k = policy.choose([0])[0]

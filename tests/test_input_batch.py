@@ -122,6 +122,23 @@ class InputBatchMachine(RuleBasedStateMachine):
         for it in items:
             self.computed[it.seq_id] = it.start_pos + len(it.token_ids)
 
+    @precondition(lambda self: self.computed)
+    @rule(data=st.data())
+    def decode_step(self, data) -> None:
+        """One token and one logit per sequence: the plain-decoding step, which prepare builds from lists."""
+        seq_ids = data.draw(st.lists(st.sampled_from(sorted(self.computed)), min_size=1, max_size=8, unique=True))
+        items = []
+        for seq_id in seq_ids:
+            start = self.computed[seq_id]
+            if self.bm.can_grow(seq_id, start + 1):
+                self.bm.grow(seq_id, start + 1)
+                items.append(ForwardItem(seq_id, [data.draw(st.integers(0, 999))], start, 1))
+        if not items:
+            return
+        _check_step(self.bm, self.batch, items)
+        for it in items:
+            self.computed[it.seq_id] = it.start_pos + 1
+
     @precondition(lambda self: any(n > 0 for n in self.computed.values()))
     @rule(data=st.data())
     def rollback(self, data) -> None:

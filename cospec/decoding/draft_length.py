@@ -29,7 +29,6 @@ probe makes it catch up on every token since it last ran).
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -114,40 +113,42 @@ class CostModel:
 
     def step_seconds(self, num_tokens: int) -> float:
         """Predicted time of a forward over ``num_tokens`` tokens."""
-        return self.predictor()(num_tokens)
+        return float(self.predict(torch.tensor([num_tokens]))[0])
 
-    def predictor(self) -> Callable[[int], float]:
-        """``step_seconds`` with the fit solved once, for many predictions before the next observation.
+    def predict(self, sizes: torch.Tensor) -> torch.Tensor:
+        """Predicted times (float64) of forwards over ``sizes`` tokens (an int64 tensor), all in a few tensor
+        operations (the policy prices every candidate draft total of a step: hundreds at large batches).
 
-        A size not measured is read off the measured sizes around it: interpolated between its measured neighbours
-        when the one above is at most twice the one below, else extended from the one below along the steeper of
-        the fit's slope and the slope between the two measured sizes below it (the cost per token at decode sizes,
-        not the far lower one of a prefill). Below every measured size, the fit."""
+        A measured size takes its running mean. A size not measured is read off the measured sizes around it:
+        interpolated between its measured neighbours when the one above is at most twice the one below, else
+        extended from the one below along the steeper of the fit's slope and the slope between the two measured
+        sizes below it (the cost per token at decode sizes, not the far lower one of a prefill). Below every
+        measured size, the fit. (Branches not taken may divide by zero; ``torch.where`` drops them.)"""
         a, b = self.coefficients()
-        by_size = dict(self._by_size)
-        sizes = sorted(by_size)
-
-        def predict(num_tokens: int) -> float:
-            if num_tokens in by_size:
-                return by_size[num_tokens]
-            i = bisect.bisect_left(sizes, num_tokens)  # sizes[i - 1] < num_tokens < sizes[i]
-            if i == 0:
-                return a + b * num_tokens
-            below = sizes[i - 1]
-            if i < len(sizes) and sizes[i] <= 2 * below:
-                above = sizes[i]
-                return by_size[below] + (by_size[above] - by_size[below]) * (num_tokens - below) / (above - below)
-            slope = b
-            if i >= 2:
-                slope = max(slope, (by_size[below] - by_size[sizes[i - 2]]) / (below - sizes[i - 2]))
-            return by_size[below] + slope * (num_tokens - below)
-
-        return predict
+        x = sizes.to(torch.float64)
+        fit = a + b * x
+        if not self._by_size:
+            return fit
+        measured = sorted(self._by_size)
+        known = torch.tensor(measured, dtype=torch.float64)
+        cost = torch.tensor([self._by_size[size] for size in measured], dtype=torch.float64)
+        last = len(measured) - 1
+        i = torch.searchsorted(known, x)  # known[i - 1] < x <= known[i]
+        above, below, second = i.clamp(max=last), (i - 1).clamp(min=0), (i - 2).clamp(min=0)
+        interpolated = cost[below] + (cost[above] - cost[below]) * (x - known[below]) / (known[above] - known[below])
+        local = (cost[below] - cost[second]) / (known[below] - known[second])
+        slope = torch.where(i >= 2, torch.maximum(local, torch.tensor(b, dtype=torch.float64)), b)
+        extended = cost[below] + slope * (x - known[below])
+        out = torch.where((i >= 1) & (i <= last) & (known[above] <= 2 * known[below]), interpolated, extended)
+        out = torch.where(i == 0, fit, out)
+        return torch.where((i <= last) & (known[above] == x), cost[above], out)
 
 
 class DraftLengthPolicy:
     def __init__(self, max_draft_tokens: int, adaptive: bool = True, probe_interval: int = 8, decay: float = 0.9,
-                 padded_tokens: Callable[[int], int] | None = None):
+                 padded_tokens: Callable | None = None):
+        """``padded_tokens``: the rows a forward of so many tokens runs (the CPU row plan pads some counts), for an
+        int or elementwise for an int64 tensor; None: no padding."""
         if max_draft_tokens < 0:
             raise ValueError(f"max_draft_tokens must be >= 0, got {max_draft_tokens}")
         self.max_draft_tokens = max_draft_tokens
@@ -213,7 +214,7 @@ class DraftLengthPolicy:
         since a sequence's gains only fall, that is every (sequence, draft) sorted by gain, ties to the lower
         sequence id, then the earlier draft. Sorted once here, in float64, multiplied and summed in the order a
         draft-by-draft loop would (the same choices to the last bit), instead of a heap walked in Python."""
-        draft_cost, step_seconds, padded = self.costs.draft_cost_per_token, self.costs.predictor(), self.padded_tokens
+        draft_cost = self.costs.draft_cost_per_token
         seq_ids = sorted(rates)
         first = torch.tensor([rates[s][0] for s in seq_ids], dtype=torch.float64)
         ratio = torch.tensor([rates[s][1] for s in seq_ids], dtype=torch.float64)
@@ -222,8 +223,8 @@ class DraftLengthPolicy:
         num = int((gains >= _MIN_ACCEPTANCE).sum())  # a draft below it is never worth its verification
         # Expected tokens and cost of the step with the first `total` drafts, total = 0..num.
         emitted = torch.cat([torch.tensor([float(len(rates))], dtype=torch.float64), gains[:num]]).cumsum(0)
-        seconds = torch.tensor([step_seconds(padded(base_tokens + total)) + draft_cost * total
-                                for total in range(num + 1)], dtype=torch.float64)
+        totals = torch.arange(num + 1)
+        seconds = self.costs.predict(self.padded_tokens(base_tokens + totals)) + draft_cost * totals.to(torch.float64)
         best_total = int((emitted / seconds).argmax())  # (the first of equal throughputs: the fewest drafts)
         counts = torch.bincount(order[:best_total] // self.max_draft_tokens, minlength=len(seq_ids))
         k = dict.fromkeys(rates, 0)

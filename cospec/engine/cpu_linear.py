@@ -89,7 +89,13 @@ class RowPlan:
     def path_for(self, rows: int) -> str:
         return self.paths[rows] if rows < len(self.paths) else self.large_path
 
-    def rows_for(self, rows: int) -> int:
+    def rows_for(self, rows):
+        """The rows run for ``rows`` rows: an int, or elementwise for an int64 tensor."""
+        if isinstance(rows, torch.Tensor):
+            if not self.padded:
+                return rows
+            padded = torch.tensor(self.padded)
+            return torch.where(rows < len(padded), padded[rows.clamp(max=len(padded) - 1)], rows)
         return self.padded[rows] if rows < len(self.padded) else rows
 
     def describe(self) -> str:

@@ -199,8 +199,9 @@ class CpuLinears:
         self._recent: dict[int, deque[float]] = {}  # rows -> seconds of the last forwards at ``_recent_setting``
         self._recent_setting: Setting | None = None
 
-    def padded_rows(self, rows: int) -> int:
-        """The rows a forward of ``rows`` rows runs now (padded by the row plan in use)."""
+    def padded_rows(self, rows):
+        """The rows a forward of ``rows`` rows runs now (padded by the row plan in use); an int or an int64
+        tensor."""
         return self.choice.setting.plan.rows_for(rows)
 
     @contextlib.contextmanager

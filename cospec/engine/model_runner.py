@@ -52,9 +52,11 @@ class ModelRunner:
         self.capture_layers = capture_layers
         self.aux_hidden_states: torch.Tensor | None = None
         self.input_batch = InputBatch(block_manager, self.device)
+        self._attention_fields = _attention_fields(model.config)
 
-    def padded_rows(self, num_tokens: int) -> int:
-        """The rows a forward of ``num_tokens`` tokens runs on the CPU (the row plan pads some counts)."""
+    def padded_rows(self, num_tokens):
+        """The rows a forward of ``num_tokens`` tokens runs on the CPU (the row plan pads some counts); an int, or
+        elementwise for an int64 tensor."""
         return self.cpu_linears.padded_rows(num_tokens) if self.cpu_linears else num_tokens
 
     # ---- forward -------------------------------------------------------------------------------------------
@@ -101,19 +103,52 @@ class ModelRunner:
     def _cospec_mode(self, num_tokens: int, num_logits: int | None = None):
         """Switch the model to paged attention (and, on the CPU, to the linear paths and thread count chosen for
         ``num_tokens`` rows, ``num_logits`` of them through the LM head) for one forward, then restore it."""
-        config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = attention.ATTN_IMPLEMENTATION
-        all_layers = self.config.num_hidden_layers
+        previous = self._attention_implementations()
+        self._set_attention(attention.ATTN_IMPLEMENTATION)
         if self.num_layers is not None:
+            all_layers = self.config.num_hidden_layers
             self.config.num_hidden_layers = self.num_layers  # HF decoders loop over layers[: num_hidden_layers]
         try:
             with self.cpu_linears.forward(num_tokens, num_logits) if self.cpu_linears else contextlib.nullcontext():
                 yield
         finally:
-            config._attn_implementation = previous
+            self._set_attention(previous)
             if self.num_layers is not None:  # (a config attribute write costs ~8 us: only when one was made)
                 self.config.num_hidden_layers = all_layers
+
+    def _attention_implementations(self) -> list | str:
+        """What the model's configs say now: per config (direct fields), else the top config's setting."""
+        if self._attention_fields is None:
+            return self.model.config._attn_implementation
+        return [fields["_attn_implementation_internal"] for fields in self._attention_fields]
+
+    def _set_attention(self, implementations: list | str) -> None:
+        """Set the attention implementation of the model's config and every sub-config, as HF's setter does: one
+        for all (a str) or per config (what ``_attention_implementations`` returned). Written straight into the
+        configs' fields where they have them: HF's setter costs ~12 us a call, two calls per forward."""
+        if self._attention_fields is None:
+            self.model.config._attn_implementation = implementations
+            return
+        if isinstance(implementations, str):
+            implementations = [implementations] * len(self._attention_fields)
+        for fields, value in zip(self._attention_fields, implementations):
+            fields["_attn_implementation_internal"] = value
+
+
+def _attention_fields(config) -> list[dict] | None:
+    """The attribute dicts of ``config`` and its sub-configs (recursively), the objects whose attention
+    implementation HF's ``_attn_implementation`` setter writes; None if one of them keeps it elsewhere (then the
+    setter is used)."""
+    configs, stack = [], [config]
+    while stack:
+        current = stack.pop()
+        configs.append(current)
+        for key in getattr(current, "sub_configs", None) or {}:
+            sub = getattr(current, key, None)
+            if sub is not None:
+                stack.append(sub)
+    fields = [getattr(c, "__dict__", {}) for c in configs]
+    return fields if all("_attn_implementation_internal" in f for f in fields) else None
 
 
 def _check_layer_skipping(model: nn.Module, num_layers: int) -> None:

@@ -421,10 +421,10 @@ class GatherLayout:
         lone request's usually are): its keys are then one slice of the pool. None otherwise."""
         if self.num_seqs != 1:
             return None
-        blocks = self.block_tables[0, : -(-self.max_kv_len // self.block_size)]
-        if blocks.shape[0] > 1 and not bool((blocks.diff() == 1).all()):
+        blocks = self.block_tables[0, : -(-self.max_kv_len // self.block_size)].tolist()  # (list ops: cheaper here)
+        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
             return None
-        return int(blocks[0]) * self.block_size
+        return blocks[0] * self.block_size
 
     @functools.cached_property
     def regions(self) -> tuple[int, torch.Tensor | None] | None:
