@@ -354,19 +354,22 @@ class LLMEngine:
         start = time.perf_counter()
         # Self-speculation's draft is the target's first layers: it reads prompts given as embeddings too.
         reads_embeds = self.speculative.method == "self_spec"
+        # Only windows that get drafts ask (every proposer drafts nothing for k = 0; at large batches most get none).
+        drafting = [s for s in windows if s.num_draft_tokens]
         requests = [DraftRequest(s.seq.seq_id, s.seq.token_ids, s.num_draft_tokens, s.seq.params, s.seq.seed,
                                  s.seq.num_output_tokens, s.seq.is_coupled, s.seq.row_context(),
                                  s.seq.prompt_embeds if reads_embeds else None)
-                    for s in windows]
-        drafts = self.proposer.propose(requests)
+                    for s in drafting]
+        proposed = self.proposer.propose(requests)
         # A draft never runs past the request's token limit or the context.
-        for s, d in zip(windows, drafts):
+        for s, d in zip(drafting, proposed):
             room = min(s.seq.params.max_tokens - s.seq.num_output_tokens, self.max_model_len - s.seq.num_tokens) - 1
             if len(d.token_ids) > max(room, 0):
                 d.token_ids = d.token_ids[: max(room, 0)]
                 d.probs = None if d.probs is None else d.probs[: len(d.token_ids)]
-        self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in drafts), time.perf_counter() - start)
-        return drafts
+        self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in proposed), time.perf_counter() - start)
+        next_proposed = iter(proposed)
+        return [next(next_proposed) if s.num_draft_tokens else _NO_DRAFT for s in windows]
 
     def _fuse(self, items: list[ForwardItem], windows: list[ScheduledSeq], drafts: list[Draft],
               target_logits: torch.Tensor) -> torch.Tensor:
