@@ -12,7 +12,7 @@ it hands out drafts one at a time, each to the sequence whose next draft adds th
 maximizes the expected tokens for every total), and keeps the total that gave the best throughput.
 
 ``cost(T)`` is measured, not assumed: the mean time of recent forwards of that size, where the engine has run one.
-Other sizes are filled in from the measured sizes around them (``CostModel.predictor``); only where nothing near
+Other sizes are filled in from the measured sizes around them (``CostModel.predict``); only where nothing near
 is measured does a linear fit ``a + b * T`` over all forwards answer, since prefill chunks of hundreds of tokens
 dominate that fit and make a few more tokens look nearly free where, at decode sizes, each costs far more (on the
 CPU here ~10 ms per token from 4 tokens on, against ~1 ms per token of a prefill). On the CPU a forward runs as
@@ -137,7 +137,7 @@ class CostModel:
         above, below, second = i.clamp(max=last), (i - 1).clamp(min=0), (i - 2).clamp(min=0)
         interpolated = cost[below] + (cost[above] - cost[below]) * (x - known[below]) / (known[above] - known[below])
         local = (cost[below] - cost[second]) / (known[below] - known[second])
-        slope = torch.where(i >= 2, torch.maximum(local, torch.tensor(b, dtype=torch.float64)), b)
+        slope = torch.where(i >= 2, local.clamp(min=b), b)
         extended = cost[below] + slope * (x - known[below])
         out = torch.where((i >= 1) & (i <= last) & (known[above] <= 2 * known[below]), interpolated, extended)
         out = torch.where(i == 0, fit, out)

@@ -147,7 +147,6 @@ class InputBatch:
             region_blocks=self.block_manager.region_blocks)
         return StepInputs(input_ids.to(device), positions.to(device), logit_rows.to(device)), meta
 
-
     def _prepare_decode(self, items: list[ForwardItem]) -> tuple[StepInputs, StepMetadata]:
         """``prepare`` for a step of one token and one logit per sequence (plain decoding, the common step), from
         lists: token i is sequence i's, at its last position, and gives logit row i. The general path's dozen

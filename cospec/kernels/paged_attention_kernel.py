@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -356,6 +357,14 @@ def _num_sms(device: torch.device) -> int:
 # ---- torch reference (and the CPU path) -----------------------------------------------------------------------
 
 
+class _Regions(NamedTuple):
+    """Where a batch whose sequences each own a region lies in the pool (``GatherLayout.regions``)."""
+
+    first: int  # the first region the batch spans
+    span: int  # how many regions it spans (rows of the strided view)
+    seq_rows: torch.Tensor | None  # [num_seqs] int64 row of each sequence; None when row i is sequence i
+
+
 class GatherLayout:
     """How the reference lays a ragged batch out for SDPA: each sequence's keys gathered from the pool into
     ``[num_seqs, max_kv_len]`` rows, its queries scattered into ``[num_seqs, max_q_len]`` rows, and a causal mask.
@@ -400,7 +409,7 @@ class GatherLayout:
         if self.single_run_start is not None:  # one sequence whose blocks lie in a row: a view, no copy
             return pool[self.single_run_start: self.single_run_start + self.max_kv_len].unsqueeze(0)
         if self.regions is not None:  # each sequence in a region of its own: a strided view, no copy
-            first, _ = self.regions
+            first = self.regions.first
             region_slots = self.region_blocks * self.block_size
             rows = pool[first * region_slots: (first + self.num_rows) * region_slots]
             return rows.view(self.num_rows, region_slots, *pool.shape[1:])[:, : self.max_kv_len]
@@ -427,9 +436,10 @@ class GatherLayout:
         return blocks[0] * self.block_size
 
     @functools.cached_property
-    def regions(self) -> tuple[int, torch.Tensor | None] | None:
-        """When each sequence's blocks form a region of its own: (the first region the batch spans, the row of each
-        sequence in the view that starts there, or None when row i is sequence i). None when the keys are gathered:
+    def regions(self) -> _Regions | None:
+        """When each sequence's blocks form a region of its own: (the first region the batch spans, how many it
+        spans, the row of each sequence in the view that starts there or None when row i is sequence i). None when
+        the keys are gathered:
         the pool is not laid out in regions, or the batch's regions are so scattered (more than twice as many
         spanned as there are sequences) that attending over the padding rows would cost more than gathering."""
         if self.region_blocks is None or self.num_seqs == 1:
@@ -437,23 +447,22 @@ class GatherLayout:
         # A region's first block is its block 0. (A list: a few list operations cost less than tensor ops here.)
         regions = [block // self.region_blocks for block in self.block_tables[:, 0].tolist()]
         first, last = min(regions), max(regions)
-        if last - first + 1 > 2 * self.num_seqs:
+        span = last - first + 1
+        if span > 2 * self.num_seqs:
             return None
         if regions == list(range(first, first + self.num_seqs)):
-            return first, None
-        return first, torch.tensor([r - first for r in regions], dtype=torch.int64, device=self.block_tables.device)
+            return _Regions(first, span, None)
+        return _Regions(first, span, torch.tensor([r - first for r in regions], dtype=torch.int64,
+                                                  device=self.block_tables.device))
 
-    @functools.cached_property
+    @property
     def num_rows(self) -> int:
         """Rows of the padded batch SDPA runs on: one per sequence, or one per spanned region."""
-        if self.regions is None:
-            return self.num_seqs
-        first, rows = self.regions
-        return self.num_seqs if rows is None else int(rows.max()) + 1
+        return self.num_seqs if self.regions is None else self.regions.span
 
-    @functools.cached_property
+    @property
     def seq_rows(self) -> torch.Tensor | None:  # [num_seqs] row of each sequence; None: row i is sequence i
-        return None if self.regions is None else self.regions[1]
+        return None if self.regions is None else self.regions.seq_rows
 
     @functools.cached_property
     def block_gather_index(self) -> torch.Tensor:  # [num_seqs, ceil(max_kv_len / block_size)] int64
