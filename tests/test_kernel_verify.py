@@ -104,6 +104,23 @@ def test_verify_greedy_matches_reference(num_draft_tokens, max_k, vocab_size):
     assert int((expected[0] >= 0).sum()) == num_draft_tokens[0] + 1  # request 0 took the bonus token
 
 
+@pytest.mark.parametrize("num_draft_tokens,max_k", _NUM_DRAFTS_PARAMS)
+@pytest.mark.parametrize("vocab_size", _VOCAB_PARAMS)
+def test_verify_greedy_lists_match_reference(num_draft_tokens, max_k, vocab_size):
+    """The CPU path on lists (through the dispatcher) equals the reference's rows, unpadded."""
+    from cospec import kernels
+
+    gen = torch.Generator().manual_seed(sum(num_draft_tokens) * 37 + vocab_size)
+    target_argmax, draft_token_ids, cu = _greedy_inputs(num_draft_tokens, vocab_size, gen)
+    expected = greedy_mod.verify_greedy_ref(target_argmax, draft_token_ids, cu, max_k)
+    drafts = [draft_token_ids[cu[b]: cu[b + 1]].tolist() for b in range(len(num_draft_tokens))]
+    rows = [[t for t in row if t >= 0] for row in expected.tolist()]
+    assert greedy_mod.verify_greedy_lists(target_argmax.tolist(), drafts) == rows
+    assert kernels.verify_greedy_windows(target_argmax, drafts) == rows
+    with pytest.raises(ValueError, match="target tokens"):
+        greedy_mod.verify_greedy_lists(target_argmax.tolist()[:-1], drafts)
+
+
 # ---- rejection sampling: exact cases ----
 
 

@@ -142,7 +142,7 @@ def uniform_noise(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Exponential race: an exact sample from each row of ``probs`` given its ``noise`` row. ``[num_rows]`` int64."""
-    return (probs / noise).argmax(dim=-1)
+    return kernels.row_argmax(probs / noise)
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -167,7 +167,7 @@ def sample_draft_tokens(
 
     contexts = [None if r.context is None else replace(r.context, extra_token_ids=d) for r, d in zip(requests, drafted)]
     logits = process_logits(logits, contexts)
-    tokens = logits.argmax(dim=-1)
+    tokens = kernels.row_argmax(logits)
     sampled = [i for i, r in enumerate(requests) if r.seed is not None]
     if not sampled:
         return tokens.tolist(), None

@@ -84,7 +84,7 @@ def verify(
     processed = process_logits(logits, row_contexts(windows)) if has_context else logits
     scores = processed.to(sampling_dtype(logits), copy=True) if want_scores else None
     # max propagates NaN and +inf from the model; -inf means processing left no token.
-    best, target_tokens = processed.max(dim=-1)  # the greedy rows' tokens; sampled rows' are replaced below
+    best, target_tokens = kernels.row_max(processed)  # the greedy rows' tokens; sampled rows' are replaced below
     is_bad_row = ~torch.isfinite(best)
 
     sampled = [i for i, w in enumerate(windows) if w.seed is not None]
@@ -130,7 +130,7 @@ def verify_plain_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> Verifi
     """``verify`` for windows whose requests are greedy with no logits processing and no scores asked for: the
     longest prefix of each window's ``drafts`` that equals the target's argmax, then the target's token, without
     building per-window state. A step with NaN or +inf logits goes through ``verify`` (it names each failure)."""
-    best, target_tokens = logits.max(dim=-1)  # (max propagates NaN and +inf, as in verify)
+    best, target_tokens = kernels.row_max(logits)  # (max propagates NaN and +inf, as in verify)
     # One sum instead of isfinite + all: it is finite iff every row's max is (an overflow of huge finite logits
     # only sends the step the slow way, which gives the same tokens).
     if not math.isfinite(best.sum().item()):
@@ -186,8 +186,7 @@ def _unpad(output: torch.Tensor) -> list[list[int]]:
 def _verify_greedy(target_tokens: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
     if not any(drafts):  # plain decoding: the target's token is the token
         return [[t] for t in target_tokens.tolist()]
-    flat, cu, max_k = _offsets(drafts, target_tokens.device)
-    return _unpad(kernels.verify_greedy(target_tokens, flat, cu, max_k))
+    return kernels.verify_greedy_windows(target_tokens, drafts)
 
 
 def _rejection_sample(target_probs: torch.Tensor, windows: list[Window]) -> list[list[int]]:

@@ -8,13 +8,14 @@ to force the references on a GPU as well (useful when bisecting a numerical diff
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import torch
 
 # Imported here, not per call: the dispatch functions run once per layer and step.
 from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, paged_attention_kernel, rejection_sample_kernel,
-                            store_kv_kernel, verify_greedy_kernel)
+                            row_max_cpu, store_kv_kernel, verify_greedy_kernel)
 from cospec.kernels.paged_attention_kernel import GatherLayout
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -71,6 +72,19 @@ def paged_attention(
     return paged_attention_kernel.paged_attention_ref(*args, layout=layout)
 
 
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_rows], [num_rows] int64)
+    """Each row's maximum and the lowest index holding it (``torch.max(x, dim=-1)``; NaN counts as the maximum).
+    On the CPU in two passes over chunks (torch's index reductions do not vectorize there); elsewhere torch's."""
+    if x.device.type == "cpu":
+        return row_max_cpu.row_max_chunked(x)
+    return row_max_cpu.row_max_ref(x)
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:  # [num_rows] int64
+    """``x.argmax(dim=-1)`` for a 2-D ``x`` (see ``row_max``)."""
+    return row_max(x)[1]
+
+
 def verify_greedy(
     target_argmax: torch.Tensor,  # [num_drafts_total + batch] int64
     draft_token_ids: torch.Tensor,  # [num_drafts_total] int64
@@ -81,6 +95,20 @@ def verify_greedy(
     if use_triton(target_argmax):
         return verify_greedy_kernel.verify_greedy(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
     return verify_greedy_kernel.verify_greedy_ref(target_argmax, draft_token_ids, cu_num_draft_tokens, max_k)
+
+
+def verify_greedy_windows(
+    target_argmax: torch.Tensor,  # [num_drafts_total + batch] int64
+    drafts: list[list[int]],  # per window, its drafts
+) -> list[list[int]]:  # per window: the accepted drafts, then the target's token
+    """``verify_greedy`` for drafts given as lists, each window's tokens returned as a list: the kernel on CUDA,
+    a walk over the windows in Python elsewhere (cheaper there than the reference's tensor operations)."""
+    if use_triton(target_argmax):
+        cu = torch.tensor([0, *itertools.accumulate(len(d) for d in drafts)], device=target_argmax.device)
+        flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=target_argmax.device)
+        padded = verify_greedy_kernel.verify_greedy(target_argmax, flat, cu, max(map(len, drafts), default=0))
+        return [[t for t in row if t >= 0] for row in padded.tolist()]
+    return verify_greedy_kernel.verify_greedy_lists(target_argmax.tolist(), drafts)
 
 
 def rejection_sample(
