@@ -291,3 +291,103 @@ def test_bad_seed_is_refused_naming_it():
     for seed in (1.5, 2**70, "7"):
         with pytest.raises(ValueError, match="seed"):
             SamplingParams(seed=seed)
+
+
+# ---- (g) plain decoding steps ----------------------------------------------------------------------------------
+# A step in which every running sequence decodes one token without drafts runs from lists (LLMEngine._decode_step);
+# it must leave exactly what the general step leaves.
+
+
+class _PoisonFrom:
+    """A logits processor that makes the row NaN from output position ``start`` on (a failure mid-decoding)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.prompt_len = None
+
+    def __call__(self, input_ids, scores):
+        self.prompt_len = self.prompt_len or input_ids.shape[1]
+        if input_ids.shape[1] - self.prompt_len >= self.start:
+            scores = scores.clone()
+            scores[:, 3] = float("nan")
+        return scores
+
+
+def _general_steps_only(engine: LLMEngine) -> LLMEngine:
+    engine._plain_decoding = lambda: False
+    return engine
+
+
+def _count_decode_steps(engine: LLMEngine) -> list[int]:
+    calls = []
+    forward_decode = engine.runner.forward_decode
+
+    def counting(seq_ids, token_ids, positions):
+        calls.append(len(seq_ids))
+        return forward_decode(seq_ids, token_ids, positions)
+
+    engine.runner.forward_decode = counting
+    return calls
+
+
+def _summary(done: dict) -> dict:
+    return {rid: (out.output_token_ids, out.finish_reason, out.error, out.stats.num_steps,
+                  out.stats.num_drafted_tokens, out.stats.num_accepted_tokens, out.stats.acceptance_histogram)
+            for rid, out in done.items()}
+
+
+@pytest.mark.parametrize("speculative", [None, SpeculativeConfig(method="prompt_lookup", num_draft_tokens=3)],
+                         ids=["plain", "prompt_lookup"])
+def test_plain_decoding_steps_leave_what_the_general_step_leaves(model, speculative):
+    prompts = [random_prompt(n, VOCAB, seed=700 + n) for n in (5, 23, 40, 9)]
+    prompts[2] = prompts[2][:20] * 2  # a repeat for prompt lookup to find
+    free = alone(model, prompts[0], SamplingParams(max_tokens=24, temperature=0.0))
+    stop = next(t for i, t in enumerate(free[6:], 6) if t not in free[:i])  # first produced at output position >= 6
+    requests = {
+        "greedy": (prompts[0], SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[stop])),
+        "seeded": (prompts[1], SamplingParams(max_tokens=30, temperature=0.9, top_k=30, seed=7)),
+        "long": (prompts[2], SamplingParams(max_tokens=33, temperature=0.0)),
+        "penalty": (prompts[3], SamplingParams(max_tokens=17, temperature=0.0, repetition_penalty=1.3)),
+        "fails": (prompts[3], SamplingParams(max_tokens=20, temperature=0.0, logits_processors=[_PoisonFrom(5)])),
+    }
+
+    def run(general: bool):
+        engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, block_size=4), speculative=speculative)
+        if general:
+            _general_steps_only(engine)
+        if engine.draft_policy is not None:  # draft lengths from measured step times: make the times a function
+            policy, costs = engine.draft_policy, engine.draft_policy.costs
+            observe_forward, observe_drafting = policy.observe_forward, costs.observe_drafting
+            policy.observe_forward = lambda num_tokens, seconds: observe_forward(num_tokens, 1e-4 + 1e-3 * num_tokens)
+            costs.observe_drafting = lambda num_tokens, seconds: observe_drafting(num_tokens, 1e-6 * num_tokens)
+        calls = _count_decode_steps(engine)
+        requests["fails"][1].logits_processors[0].prompt_len = None
+        return run_all(engine, requests), calls
+
+    fast, fast_calls = run(general=False)
+    general, general_calls = run(general=True)
+    assert _summary(fast) == _summary(general)
+    assert general_calls == [] and len(fast_calls) > 10  # the list path ran, down to a lone sequence
+    assert fast_calls[-1] == 1 and max(fast_calls) == len(requests)
+    assert fast["greedy"].finish_reason == "stop" and fast["greedy"].output_token_ids[-1] == stop
+    assert fast["fails"].finish_reason == "error" and "NaN" in fast["fails"].error
+    assert len(fast["fails"].output_token_ids) == 5
+    assert fast["long"].output_token_ids == alone(model, *requests["long"])
+    if speculative is not None:  # probes drafted, and some were accepted (the repeat in "long")
+        assert fast["long"].stats.num_accepted_tokens > 0 and 0 < len(fast_calls) < fast["long"].stats.num_steps
+
+
+def test_a_plain_decoding_step_without_room_falls_back_to_preemption(model):
+    """Three sequences decode in a pool that cannot hold them all to the end: the step that needs a block the pool
+    lacks goes through the general step, which preempts; outputs stay as if alone."""
+    requests = {f"r{i}": (random_prompt(6, VOCAB, seed=800 + i), SamplingParams(max_tokens=26, temperature=0.0))
+                for i in range(3)}
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=17, block_size=4))
+    calls = _count_decode_steps(engine)
+    fallbacks = []
+    decode_step = engine._decode_step
+    engine._decode_step = lambda: fallbacks.append(None) if (out := decode_step()) is None else out
+    done = run_all(engine, requests)
+    assert fallbacks and calls and any(out.stats.num_preemptions for out in done.values())
+    for request_id, (prompt, params) in requests.items():
+        assert done[request_id].output_token_ids == alone(model, prompt, params), request_id

@@ -158,7 +158,14 @@ def count_target_tokens(engine: LLMEngine) -> collections.Counter:
             counts[item.seq_id] += len(item.token_ids)
         return forward(items)
 
+    forward_decode = engine.runner.forward_decode
+
+    def counting_forward_decode(seq_ids, token_ids, positions):  # a plain decoding step: one token each
+        counts.update(seq_ids)
+        return forward_decode(seq_ids, token_ids, positions)
+
     engine.runner.forward = counting_forward
+    engine.runner.forward_decode = counting_forward_decode
     return counts
 
 

@@ -35,7 +35,14 @@ def record_steps(engine: LLMEngine) -> list[dict[int, int]]:
         steps.append({item.seq_id: len(item.token_ids) for item in items})
         return forward(items)
 
+    forward_decode = engine.runner.forward_decode
+
+    def recording_forward_decode(seq_ids, token_ids, positions):  # a plain decoding step: one token each
+        steps.append(dict.fromkeys(seq_ids, 1))
+        return forward_decode(seq_ids, token_ids, positions)
+
     engine.runner.forward = recording_forward
+    engine.runner.forward_decode = recording_forward_decode
     return steps
 
 

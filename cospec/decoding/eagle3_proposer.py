@@ -34,6 +34,7 @@ class _HeadState:
 
 class Eagle3Proposer:
     is_deterministic = False
+    keeps_no_state = False
 
     def __init__(self, runner: StateRunner, head: Eagle3Head) -> None:
         self.runner = runner

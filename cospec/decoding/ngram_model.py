@@ -309,6 +309,7 @@ class NgramProposer:
     """Drafts by greedy retrieval from an ``NgramLM`` (deterministic: drafts carry no probabilities)."""
 
     is_deterministic = True
+    keeps_no_state = True
 
     def __init__(self, model: NgramLM):
         self.model = model

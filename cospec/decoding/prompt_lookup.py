@@ -73,6 +73,7 @@ class PromptLookupProposer:
     """
 
     is_deterministic = True
+    keeps_no_state = True
 
     def __init__(self, max_ngram_size: int = 3, min_ngram_size: int = 1):
         if not isinstance(min_ngram_size, int) or min_ngram_size < 1:

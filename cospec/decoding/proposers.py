@@ -35,6 +35,7 @@ def check_same_vocabulary(target, draft, target_tokenizer=None, draft_tokenizer=
 
 class ModelDraftProposer:
     is_deterministic = False
+    keeps_no_state = False
 
     def __init__(self, runner: Runner, min_confidence: float = 0.0, keep_unconfident: bool = True) -> None:
         self.runner = runner

@@ -87,6 +87,9 @@ def stacked(drafts: list[Draft]) -> list[Draft]:
 class Proposer(Protocol):
     is_deterministic: bool
     """True when drafts carry no probabilities (q is one-hot on the draft token)."""
+    keeps_no_state: bool
+    """True when drafts come from the sequences' tokens alone (no cache or states of their own to keep up to date):
+    a step in which no sequence drafts needs nothing from the proposer."""
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         ...

@@ -165,6 +165,18 @@ class BlockManager:
         self.grow(seq_id, new_length)
         return True
 
+    def try_grow_each(self, seq_ids: list[int], new_lengths: list[int]) -> bool:
+        """``try_grow`` for each sequence in turn (a decoding step's room, in one pass); False at the first that
+        cannot grow (the ones before it keep their growth, as after the same ``try_grow`` calls one by one)."""
+        tables, lengths, block_size = self.block_tables, self.lengths, self.block_size
+        for seq_id, new_length in zip(seq_ids, new_lengths):
+            if len(tables[seq_id]) * block_size >= new_length:  # room in the last block
+                if new_length > lengths[seq_id]:
+                    lengths[seq_id] = new_length
+            elif not self.try_grow(seq_id, new_length):
+                return False
+        return True
+
     def grow(self, seq_id: int, new_length: int) -> None:
         """Make room for ``new_length`` tokens (allocating the sequence on first use); sets its length."""
         table = self.block_tables.get(seq_id)

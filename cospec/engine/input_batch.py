@@ -48,18 +48,18 @@ class InputBatch:
         self._count_tensors: dict[int, torch.Tensor] = {}
 
     # ---- membership and block tables -----------------------------------------------------------------------
-    def sync(self, items: list[ForwardItem], seq_lens: list[int]) -> list[int]:
+    def sync(self, seq_ids: list[int], seq_lens: list[int]) -> list[int]:
         """Bring the rows of this step's sequences up to date with the block manager; returns their rows."""
         tables, row_of, synced, block_size = self.block_manager.block_tables, self.row_of, self.synced, self.block_size
         rows, writes = [], []
-        for item, seq_len in zip(items, seq_lens):  # the hot loop: list operations only
-            row = row_of.get(item.seq_id)
+        for seq_id, seq_len in zip(seq_ids, seq_lens):  # the hot loop: list operations only
+            row = row_of.get(seq_id)
             if row is None:
-                row = self._join(item.seq_id)
+                row = self._join(seq_id)
             num_blocks = -(-seq_len // block_size)
-            wanted = tables[item.seq_id][:num_blocks]
+            wanted = tables[seq_id][:num_blocks]
             if wanted != synced[row] or len(wanted) < num_blocks:
-                self._resync(item.seq_id, row, wanted, num_blocks, writes)
+                self._resync(seq_id, row, wanted, num_blocks, writes)
             rows.append(row)
         if writes:
             self._write(writes)
@@ -111,13 +111,14 @@ class InputBatch:
     def prepare(self, items: list[ForwardItem]) -> tuple[StepInputs, StepMetadata]:
         """The tensors of one ragged forward over ``items`` (sequences packed in order)."""
         if all(len(item.token_ids) == 1 and item.num_logits == 1 for item in items):
-            return self._prepare_decode(items)
+            return self.prepare_decode([item.seq_id for item in items], [item.token_ids[0] for item in items],
+                                       [item.start_pos for item in items])
         num_seqs = len(items)
         q_lens = [len(item.token_ids) for item in items]
         starts = [item.start_pos for item in items]
         seq_lens = [start + n for start, n in zip(starts, q_lens)]
         num_logits = [item.num_logits for item in items]
-        rows = self.sync(items, seq_lens)
+        rows = self.sync([item.seq_id for item in items], seq_lens)
         query_start_loc = [0, *itertools.accumulate(q_lens)]
         # Per sequence: position of its first token minus its offset in the packed row; end of its window minus
         # the logits before its own (so that packed token t sits at position t + shift, logit j at row j + shift).
@@ -147,18 +148,18 @@ class InputBatch:
             region_blocks=self.block_manager.region_blocks)
         return StepInputs(input_ids.to(device), positions.to(device), logit_rows.to(device)), meta
 
-    def _prepare_decode(self, items: list[ForwardItem]) -> tuple[StepInputs, StepMetadata]:
+    def prepare_decode(self, seq_ids: list[int], token_ids: list[int],
+                       positions: list[int]) -> tuple[StepInputs, StepMetadata]:
         """``prepare`` for a step of one token and one logit per sequence (plain decoding, the common step), from
-        lists: token i is sequence i's, at its last position, and gives logit row i. The general path's dozen
-        tensor operations cost ~60 us whatever the batch; this one's list work grows by well under 1 us per
-        sequence."""
-        num_seqs, block_size = len(items), self.block_size
-        positions = [item.start_pos for item in items]
+        lists: token i (``token_ids[i]`` at ``positions[i]``) is sequence ``seq_ids[i]``'s last, and gives logit row
+        i. The general path's dozen tensor operations cost ~60 us whatever the batch; this one's list work grows by
+        well under 1 us per sequence."""
+        num_seqs, block_size = len(seq_ids), self.block_size
         seq_lens = [position + 1 for position in positions]
-        rows = self.sync(items, seq_lens)
+        rows = self.sync(seq_ids, seq_lens)
         tables = self.block_manager.block_tables
-        slots = [tables[item.seq_id][position // block_size] * block_size + position % block_size
-                 for item, position in zip(items, positions)]
+        slots = [tables[seq_id][position // block_size] * block_size + position % block_size
+                 for seq_id, position in zip(seq_ids, positions)]
         max_kv_len = max(seq_lens)
         block_tables = self.block_tables[:, : -(-max_kv_len // block_size)].index_select(0, _int64_tensor(rows))
         counts = self._counts(num_seqs)
@@ -167,8 +168,8 @@ class InputBatch:
             slot_mapping=_int64_tensor(slots).to(device), block_tables=block_tables.to(device),
             seq_lens=_int32_tensor(seq_lens).to(device), query_start_loc=counts.to(device, torch.int32),
             block_size=block_size, max_q_len=1, max_kv_len=max_kv_len, region_blocks=self.block_manager.region_blocks)
-        inputs = StepInputs(_int64_tensor([item.token_ids[0] for item in items]).to(device),
-                            _int64_tensor(positions).to(device), counts[:num_seqs].to(device))
+        inputs = StepInputs(_int64_tensor(token_ids).to(device), _int64_tensor(positions).to(device),
+                            counts[:num_seqs].to(device))
         return inputs, meta
 
     def _counts(self, num_seqs: int) -> torch.Tensor:

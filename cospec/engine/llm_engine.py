@@ -275,7 +275,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return the requests that got new tokens (finished ones included; requests
         with ``final_only`` only when they finish)."""
-        scheduled = self.scheduler.schedule(self._draft_lengths())
+        draft_lengths = None
+        if self._plain_decoding():
+            draft_lengths = self._draft_lengths()
+            if not any(draft_lengths.values()):
+                outputs = self._decode_step()
+                if outputs is not None:
+                    return outputs
+        scheduled = self.scheduler.schedule(self._draft_lengths() if draft_lengths is None else draft_lengths)
         if not scheduled:
             return []
         # Each sequence's new tokens; those whose last token this step feeds emit tokens (their verify windows).
@@ -320,6 +327,52 @@ class LLMEngine:
                 self.scheduler.cache_computed(seq)  # rejected drafts are truncated by now: accepted tokens only
             if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                 self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
+        return outputs
+
+    def _plain_decoding(self) -> bool:
+        """Whether this step can be plain decoding: every running sequence decodes one token, without fusion,
+        anything waiting, or per-token reports, and the proposer (if any) needs nothing from a step without drafts
+        (then ``_decode_step`` runs it, without per-sequence objects, if no sequence gets drafts)."""
+        if self.members or self.scheduler.waiting or not (self.proposer is None or self.proposer.keeps_no_state):
+            return False
+        running = self.scheduler.running
+        return (0 < len(running) <= self.config.max_num_batched_tokens
+                and all(len(s.token_ids) - s.num_computed_tokens == 1 and s.reports_tokens_only for s in running))
+
+    def _decode_step(self) -> list[RequestOutput] | None:
+        """``step`` for plain decoding, from lists: at large batches the general step's objects per sequence
+        (scheduled entries, forward items, windows, drafts) cost more than the forward of a small model. None (and
+        nothing done) when a sequence needs a KV block the pool lacks: the general step preempts."""
+        seqs = list(self.scheduler.running)
+        seq_ids = [s.seq_id for s in seqs]
+        positions = [s.num_computed_tokens for s in seqs]
+        if not self.block_manager.try_grow_each(seq_ids, [p + 1 for p in positions]):
+            return None
+        start = time.perf_counter()
+        logits = self.runner.forward_decode(seq_ids, [s.token_ids[-1] for s in seqs], positions)
+        seconds = time.perf_counter() - start
+        self.scheduler.observe_step(len(seqs), seconds)
+        if self.draft_policy is not None:  # (a step without drafts: each sequence's wait for its next probe grows)
+            self.draft_policy.observe_forward(len(seqs), seconds)
+            for seq_id in seq_ids:
+                self.draft_policy.record(seq_id, 0, 0)
+        no_drafts = [_NO_DRAFT] * len(seqs)
+        verified = self._verify(seqs, no_drafts, logits)
+        block_size, cache_computed = self.block_manager.block_size, self.scheduler.cache_computed
+        caching = self.block_manager.enable_prefix_caching
+        outputs = []
+        for seq, tokens, error in zip(seqs, verified.tokens, verified.errors):
+            seq.num_computed_tokens += 1
+            seq.stats.num_steps += 1
+            if error is not None:
+                seq.error = error
+                outputs.append(self._finish(seq, "error"))
+                continue
+            output = self._append(seq, tokens)
+            if output is not None:
+                outputs.append(output)
+            if caching and seq.num_computed_tokens % block_size == 0 and not seq.is_finished:
+                cache_computed(seq)  # a block filled up (finished ones offered theirs when released)
         return outputs
 
     def _hand_over_target_states(self, scheduled: list[ScheduledSeq], items: list[ForwardItem]) -> None:

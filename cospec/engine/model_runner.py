@@ -21,7 +21,7 @@ from cospec.engine import attention
 from cospec.engine.block_manager import BlockManager
 from cospec.engine.cpu_linear import cpu_linears
 from cospec.engine.cpu_threads import CpuLinears
-from cospec.engine.input_batch import InputBatch
+from cospec.engine.input_batch import InputBatch, StepInputs
 from cospec.engine.kv_cache import KVCachePool, PagedCache
 
 
@@ -62,17 +62,25 @@ class ModelRunner:
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Logits ``[sum(num_logits), vocab_size]`` for the requested positions, sequence by sequence."""
-        with torch.inference_mode():
-            return self._forward(items)  # (an inference tensor: what changes logits makes a new tensor)
+        with torch.inference_mode():  # (an inference tensor: what changes logits makes a new tensor)
+            inputs, meta = self.input_batch.prepare(items)
+            embeds = self._embeds(items, inputs.input_ids) if any(it.embeds is not None for it in items) else None
+            return self._forward(inputs, meta, embeds)
 
-    def _forward(self, items: list[ForwardItem]) -> torch.Tensor:
-        inputs, meta = self.input_batch.prepare(items)
+    def forward_decode(self, seq_ids: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """``forward`` for a plain decoding step, from lists: sequence ``seq_ids[i]``'s token ``token_ids[i]`` at
+        ``positions[i]``; logits ``[len(seq_ids), vocab_size]``. (No ForwardItem per sequence.)"""
+        with torch.inference_mode():
+            return self._forward(*self.input_batch.prepare_decode(seq_ids, token_ids, positions))
+
+    def _forward(self, inputs: StepInputs, meta: attention.StepMetadata,
+                 embeds: torch.Tensor | None = None) -> torch.Tensor:
         self.cache.slot_mapping = meta.slot_mapping
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.logit_rows
-        if any(it.embeds is not None for it in items):
-            kwargs["inputs_embeds"] = self._embeds(items, inputs.input_ids)[None]
+        if embeds is not None:
+            kwargs["inputs_embeds"] = embeds[None]
         else:
             kwargs["input_ids"] = inputs.input_ids[None]
         capture = (capture_aux_hidden_states(self.model, self.capture_layers) if self.capture_layers

@@ -127,6 +127,9 @@ class Sequence:
         # Greedy with nothing that reads or changes the logits: verification takes the argmax and nothing else.
         self.is_plain_greedy = (self.seed is None and self.processor_state is None and params.logprobs is None
                                 and not params.output_scores and not params.stopping_criteria)
+        # Nothing to record per token but the token (no logprobs, scores, logits or stopping criteria to call).
+        self.reports_tokens_only = (self.logprobs is None and self.scores is None and self.logits is None
+                                    and not params.stopping_criteria)
 
     def row_context(self) -> RowContext | None:
         """The logits-processing context of this sequence's next position (None: no processing)."""
