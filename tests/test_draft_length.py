@@ -10,7 +10,7 @@ def _policy(max_draft_tokens=10, costs=(), padded_tokens=None, **kwargs) -> Draf
     policy = DraftLengthPolicy(max_draft_tokens, padded_tokens=padded_tokens, **kwargs)
     for num_tokens, seconds in costs:
         for _ in range(3):
-            policy.observe_forward(num_tokens, seconds)
+            policy.observe_step(num_tokens, seconds)
     return policy
 
 
@@ -81,7 +81,7 @@ def test_rows_that_padding_adds_are_filled_for_free():
     k = policy.choose([0])[0]
     assert k in (7, 15)  # 8 or 16 rows, never a size that pays for 16 rows and uses fewer
     assert policy.costs.step_seconds(16) == pytest.approx(0.09)
-    policy.observe_forward(11, 0.12)  # observed as the padded size
+    policy.observe_step(11, 0.12)  # observed as the padded size
     assert policy.costs.step_seconds(16) > 0.09
 
 
@@ -102,7 +102,7 @@ def test_prefill_in_the_same_step_makes_drafts_relatively_cheaper():
 
 
 def test_switched_off_sequences_are_probed_again():
-    policy = _policy(costs=[(1, 0.05), (6, 0.3)], probe_interval=3)
+    policy = _policy(costs=[(1, 0.05), (6, 0.1)], probe_interval=3)  # drafts that are always accepted would pay
     _record(policy, 0, [(4, 0)] * 5)
     assert policy.choose([0]) == {0: 0}
     _record(policy, 0, [(0, 0)] * 3)
@@ -192,3 +192,52 @@ def test_draft_choice_equals_the_draft_by_draft_greedy_loop(seed):
              for s in ids}
     for base_tokens in (40, 41, 120):
         assert policy._best_drafts(rates, base_tokens) == _greedy_loop_drafts(policy, rates, base_tokens)
+
+
+def test_steps_with_drafts_are_priced_apart():
+    """A step with drafts that costs far more than its token count says (the engine's slower path around a small
+    model's forward) switches drafting off for drafts accepted half the time; priced like a step without drafts,
+    the same drafts pay."""
+    plain = [(64, 0.0024), (65, 0.00241), (80, 0.0025), (96, 0.0026), (128, 0.0028)]
+    cheap = _policy(max_draft_tokens=4, costs=plain)
+    expensive = _policy(max_draft_tokens=4, costs=plain)
+    for num_tokens, seconds in [(65, 0.0045), (80, 0.0047), (96, 0.0049), (128, 0.0052)] * 3:
+        expensive.observe_step(num_tokens, seconds, num_draft_tokens=num_tokens - 64)
+    assert expensive.costs.step_seconds(80) == pytest.approx(0.0025)  # steps without drafts keep their price
+    seq_ids = list(range(64))
+    for policy in (cheap, expensive):
+        for s in seq_ids:
+            _record(policy, s, [(1, 1), (1, 0)] * 10)
+    assert sum(cheap.choose(seq_ids).values()) > 0
+    assert sum(expensive.choose(seq_ids).values()) == 0
+
+
+def test_probes_wait_while_even_accepted_drafts_would_not_pay_then_remeasure():
+    from cospec.decoding.draft_length import _REMEASURE_STEPS
+
+    policy = _policy(max_draft_tokens=4, costs=[(2, 0.002), (6, 0.0021)], probe_interval=3)
+    for num_tokens in (3, 4, 6):
+        policy.observe_step(num_tokens, 0.01, num_draft_tokens=num_tokens - 2)  # 5x a step without drafts
+    _record(policy, 0, [(4, 0)] * 5)
+    _record(policy, 1, [(4, 0)] * 5)
+    chosen = []
+    for _ in range(_REMEASURE_STEPS + 1):
+        chosen.append(policy.choose([0, 1]))
+        for s, k in chosen[-1].items():
+            policy.record(s, k, 0)
+    assert all(k == {0: 0, 1: 0} for k in chosen[:_REMEASURE_STEPS])  # no probe: nothing could make it pay
+    assert chosen[-1] == {0: 1, 1: 1}  # the price is old: probe (and measure it again)
+
+
+def test_probes_share_steps():
+    """When one sequence is due for a probe, those halfway to theirs probe in the same step."""
+    policy = _policy(costs=[(1, 0.05), (6, 0.1)], probe_interval=4)
+    for s in (0, 1, 2):
+        _record(policy, s, [(4, 0)] * 5)
+    _record(policy, 0, [(0, 0)] * 4)  # due
+    _record(policy, 1, [(0, 0)] * 2)  # halfway
+    _record(policy, 2, [(0, 0)] * 1)  # not yet
+    assert policy.choose([0, 1, 2]) == {0: 1, 1: 1, 2: 0}
+    _record(policy, 1, [(0, 0)])  # nobody due: a sequence halfway waits
+    assert policy.choose([1, 2]) == {1: 0, 2: 0}
+

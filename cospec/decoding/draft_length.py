@@ -11,7 +11,11 @@ measured time per draft token). The policy maximizes the step's throughput ``sum
 it hands out drafts one at a time, each to the sequence whose next draft adds the most expected tokens (which
 maximizes the expected tokens for every total), and keeps the total that gave the best throughput.
 
-``cost(T)`` is measured, not assumed: the mean time of recent forwards of that size, where the engine has run one.
+``cost(T)`` is measured, not assumed: the mean time of recent steps of that size, where the engine has run one (the
+whole step but the drafting, which ``d`` prices). Steps with drafts are priced apart from steps without: where
+the engine's work around the forward is a large share of a step (a small model at a large batch), a step with
+drafts takes a slower path than plain decoding (windows to build, verify and roll back) and costs more than its
+token count says, so a few drafts are worth it only if they win back that difference.
 Other sizes are filled in from the measured sizes around them (``CostModel.predict``); only where nothing near
 is measured does a linear fit ``a + b * T`` over all forwards answer, since prefill chunks of hundreds of tokens
 dominate that fit and make a few more tokens look nearly free where, at decode sizes, each costs far more (on the
@@ -24,7 +28,9 @@ extra verified tokens are no longer nearly free.
 A request whose drafting is switched off is probed with one draft after ``probe_interval`` steps without drafts; a
 failed probe doubles the interval (up to 256 steps), a successful one resets it, and a new request starts with the
 interval the last finished request ended with (a draft model that is never right then costs almost nothing: each
-probe makes it catch up on every token since it last ran).
+probe makes it catch up on every token since it last ran). A step that drafts anyway (a probe or a chosen draft)
+also probes every sequence at least halfway to its probe: probes of many sequences then share steps instead of
+making every step a step with drafts.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 # A draft whose acceptance probability is below this is never worth its verification.
 _MIN_ACCEPTANCE = 1e-3
 # The longest wait, in steps, between probes of a sequence that drafting was switched off for.
 _MAX_PROBE_INTERVAL = 256
+# Steps without drafts after which the price of a step with drafts is measured again (by probes) even if it says
+# that drafts do not pay.
+_REMEASURE_STEPS = 64
 # Decay of the acceptance counts pooled over all requests (per window): about the last 200 windows count.
 _POOLED_DECAY = 0.995
 
@@ -92,6 +102,10 @@ class CostModel:
         self._by_size[num_tokens] = seconds if previous is None else (
             (1 - self.size_weight) * previous + self.size_weight * seconds)
 
+    @property
+    def is_measured(self) -> bool:
+        return bool(self._by_size)
+
     def observe_drafting(self, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens > 0:
             per_token = seconds / num_draft_tokens
@@ -113,11 +127,12 @@ class CostModel:
 
     def step_seconds(self, num_tokens: int) -> float:
         """Predicted time of a forward over ``num_tokens`` tokens."""
-        return float(self.predict(torch.tensor([num_tokens]))[0])
+        return float(self.predict([num_tokens])[0])
 
-    def predict(self, sizes: torch.Tensor) -> torch.Tensor:
-        """Predicted times (float64) of forwards over ``sizes`` tokens (an int64 tensor), all in a few tensor
-        operations (the policy prices every candidate draft total of a step: hundreds at large batches).
+    def predict(self, sizes) -> np.ndarray:
+        """Predicted times (float64) of forwards over ``sizes`` tokens (ints: a tensor, an array or a list), all in
+        a few array operations (the policy prices every candidate draft total of a step: hundreds at large
+        batches; NumPy, since on arrays this small each torch operation costs several times more).
 
         A measured size takes its running mean. A size not measured is read off the measured sizes around it:
         interpolated between its measured neighbours when the one above is at most twice the one below, else
@@ -125,23 +140,24 @@ class CostModel:
         sizes below it (the cost per token at decode sizes, not the far lower one of a prefill). Below every
         measured size, the fit. (Branches not taken may divide by zero; ``torch.where`` drops them.)"""
         a, b = self.coefficients()
-        x = sizes.to(torch.float64)
+        x = np.asarray(sizes, dtype=np.float64)
         fit = a + b * x
         if not self._by_size:
             return fit
         measured = sorted(self._by_size)
-        known = torch.tensor(measured, dtype=torch.float64)
-        cost = torch.tensor([self._by_size[size] for size in measured], dtype=torch.float64)
+        known = np.array(measured, dtype=np.float64)
+        cost = np.array([self._by_size[size] for size in measured], dtype=np.float64)
         last = len(measured) - 1
-        i = torch.searchsorted(known, x)  # known[i - 1] < x <= known[i]
-        above, below, second = i.clamp(max=last), (i - 1).clamp(min=0), (i - 2).clamp(min=0)
-        interpolated = cost[below] + (cost[above] - cost[below]) * (x - known[below]) / (known[above] - known[below])
-        local = (cost[below] - cost[second]) / (known[below] - known[second])
-        slope = torch.where(i >= 2, local.clamp(min=b), b)
+        i = np.searchsorted(known, x)  # known[i - 1] < x <= known[i]
+        above, below, second = np.minimum(i, last), np.maximum(i - 1, 0), np.maximum(i - 2, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            interpolated = cost[below] + (cost[above] - cost[below]) * (x - known[below]) / (known[above] - known[below])
+            local = (cost[below] - cost[second]) / (known[below] - known[second])
+        slope = np.where(i >= 2, np.maximum(local, b), b)
         extended = cost[below] + slope * (x - known[below])
-        out = torch.where((i >= 1) & (i <= last) & (known[above] <= 2 * known[below]), interpolated, extended)
-        out = torch.where(i == 0, fit, out)
-        return torch.where((i <= last) & (known[above] == x), cost[above], out)
+        out = np.where((i >= 1) & (i <= last) & (known[above] <= 2 * known[below]), interpolated, extended)
+        out = np.where(i == 0, fit, out)
+        return np.where((i <= last) & (known[above] == x), cost[above], out)
 
 
 class DraftLengthPolicy:
@@ -158,11 +174,17 @@ class DraftLengthPolicy:
         self.stats: dict[int, AcceptanceStats] = {}
         self.pooled = AcceptanceStats()  # every request's windows, forgotten more slowly
         self._initial_probe_interval = 0  # 0: the base interval
-        self.costs = CostModel()
+        self._steps_without_drafts = 0  # steps (choose calls) since the last that drafted
+        self.costs = CostModel()  # steps without drafts
+        self.drafting_costs = CostModel()  # steps with drafts
         self.padded_tokens = padded_tokens or (lambda num_tokens: num_tokens)
 
-    def observe_forward(self, num_tokens: int, seconds: float) -> None:
-        self.costs.observe_forward(self.padded_tokens(num_tokens), seconds)
+    def observe_step(self, num_tokens: int, seconds: float, num_draft_tokens: int = 0) -> None:
+        """The measured time of an engine step over ``num_tokens`` tokens (``num_draft_tokens`` of them drafts),
+        everything but the drafting (which ``costs.observe_drafting`` prices per draft token): the forward and the
+        work around it (scheduling, verification, bookkeeping)."""
+        costs = self.drafting_costs if num_draft_tokens else self.costs
+        costs.observe_forward(self.padded_tokens(num_tokens), seconds)
 
     def release(self, seq_id: int) -> None:
         stats = self.stats.pop(seq_id, None)
@@ -200,11 +222,30 @@ class DraftLengthPolicy:
             stats = self.stats.get(s) or AcceptanceStats()
             rates[s] = (stats.first_rate(first_prior), min(stats.next_rate(next_prior), 0.999))
         k = self._best_drafts(rates, num_other_tokens + len(seq_ids))
-        for s in seq_ids:  # re-test sequences that drafting was switched off for, now and then
-            stats = self.stats.get(s)
-            if k[s] == 0 and stats is not None and stats.steps_without_drafts >= self._probe_interval(stats):
-                k[s] = 1
+        # Re-test sequences that drafting was switched off for, now and then; when this step drafts anyway, those
+        # halfway to their probe too (probes then share steps).
+        # Probes are pointless where even drafts that are always accepted would not pay for a step with drafts,
+        # unless that price is old (measured before _REMEASURE_STEPS steps without drafts).
+        waits = [(s, stats.steps_without_drafts, self._probe_interval(stats)) for s in seq_ids
+                 if k[s] == 0 and (stats := self.stats.get(s)) is not None]
+        if any(k.values()) or (any(wait >= interval for _, wait, interval in waits)
+                               and (self._steps_without_drafts >= _REMEASURE_STEPS
+                                    or self._perfect_drafts_pay(len(seq_ids), num_other_tokens + len(seq_ids)))):
+            for s, wait, interval in waits:
+                if 2 * wait >= interval:
+                    k[s] = 1
+        self._steps_without_drafts = 0 if any(k.values()) else self._steps_without_drafts + 1
         return k
+
+    def _perfect_drafts_pay(self, num_seqs: int, base_tokens: int) -> bool:
+        """Whether a step in which one sequence drafts the maximum and every draft is accepted would emit tokens
+        faster than the step without drafts."""
+        num_drafts = self.max_draft_tokens
+        plain = self.costs.step_seconds(self.padded_tokens(base_tokens))
+        drafting_costs = self.drafting_costs if self.drafting_costs.is_measured else self.costs
+        drafting = (drafting_costs.step_seconds(self.padded_tokens(base_tokens + num_drafts))
+                    + self.costs.draft_cost_per_token * num_drafts)
+        return (num_seqs + num_drafts) / drafting > num_seqs / plain
 
     def _best_drafts(self, rates: dict[int, tuple[float, float]], base_tokens: int) -> dict[int, int]:
         """Per-sequence draft lengths: the greedy drafts up to the total that maximizes the step's expected
@@ -216,17 +257,23 @@ class DraftLengthPolicy:
         draft-by-draft loop would (the same choices to the last bit), instead of a heap walked in Python."""
         draft_cost = self.costs.draft_cost_per_token
         seq_ids = sorted(rates)
-        first = torch.tensor([rates[s][0] for s in seq_ids], dtype=torch.float64)
-        ratio = torch.tensor([rates[s][1] for s in seq_ids], dtype=torch.float64)
-        factors = torch.cat([first[:, None], ratio[:, None].expand(-1, self.max_draft_tokens - 1)], dim=1)
-        gains, order = factors.cumprod(dim=1).flatten().sort(descending=True, stable=True)  # [n * max_draft_tokens]
+        factors = np.empty((len(seq_ids), self.max_draft_tokens), dtype=np.float64)
+        factors[:, 0] = [rates[s][0] for s in seq_ids]
+        factors[:, 1:] = np.array([rates[s][1] for s in seq_ids], dtype=np.float64)[:, None]
+        gains = np.cumprod(factors, axis=1).ravel()  # [n * max_draft_tokens]
+        order = np.argsort(-gains, kind="stable")  # descending; equal gains keep their order
+        gains = gains[order]
         num = int((gains >= _MIN_ACCEPTANCE).sum())  # a draft below it is never worth its verification
         # Expected tokens and cost of the step with the first `total` drafts, total = 0..num.
-        emitted = torch.cat([torch.tensor([float(len(rates))], dtype=torch.float64), gains[:num]]).cumsum(0)
-        totals = torch.arange(num + 1)
-        seconds = self.costs.predict(self.padded_tokens(base_tokens + totals)) + draft_cost * totals.to(torch.float64)
+        emitted = np.concatenate([[float(len(rates))], gains[:num]]).cumsum()
+        totals = np.arange(num + 1)
+        sizes = np.asarray(self.padded_tokens(torch.from_numpy(base_tokens + totals)))
+        seconds = self.costs.predict(sizes)
+        if num and self.drafting_costs.is_measured:  # (until a step with drafts has run, priced as one without)
+            seconds[1:] = self.drafting_costs.predict(sizes[1:])
+        seconds += draft_cost * totals
         best_total = int((emitted / seconds).argmax())  # (the first of equal throughputs: the fewest drafts)
-        counts = torch.bincount(order[:best_total] // self.max_draft_tokens, minlength=len(seq_ids))
+        counts = np.bincount(order[:best_total] // self.max_draft_tokens, minlength=len(seq_ids))
         k = dict.fromkeys(rates, 0)
         k.update(zip(seq_ids, counts.tolist()))
         return k

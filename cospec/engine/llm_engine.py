@@ -279,10 +279,12 @@ class LLMEngine:
         if self._plain_decoding():
             draft_lengths = self._draft_lengths()
             if not any(draft_lengths.values()):
-                outputs = self._decode_step()
+                outputs = self._decode_step(time.perf_counter())
                 if outputs is not None:
                     return outputs
-        scheduled = self.scheduler.schedule(self._draft_lengths() if draft_lengths is None else draft_lengths)
+        draft_lengths = self._draft_lengths() if draft_lengths is None else draft_lengths
+        step_start, self._drafting_seconds = time.perf_counter(), 0.0
+        scheduled = self.scheduler.schedule(draft_lengths)
         if not scheduled:
             return []
         # Each sequence's new tokens; those whose last token this step feeds emit tokens (their verify windows).
@@ -309,8 +311,6 @@ class LLMEngine:
             logits = self._fuse(items, windows, drafts, logits)
         num_tokens, seconds = sum(len(it.token_ids) for it in items), time.perf_counter() - start
         self.scheduler.observe_step(num_tokens, seconds)
-        if self.draft_policy is not None:
-            self.draft_policy.observe_forward(num_tokens, seconds)
         verified = self._verify([s.seq for s in windows], drafts, logits) if windows else None
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
@@ -327,6 +327,9 @@ class LLMEngine:
                 self.scheduler.cache_computed(seq)  # rejected drafts are truncated by now: accepted tokens only
             if self._draft_runs_as_member:  # the drafting member ran over every token of the step with the target
                 self.proposer.mark_cached(seq.seq_id, seq.num_computed_tokens)
+        if self.draft_policy is not None:
+            self.draft_policy.observe_step(num_tokens, time.perf_counter() - step_start - self._drafting_seconds,
+                                           sum(len(d.token_ids) for d in drafts))
         return outputs
 
     def _plain_decoding(self) -> bool:
@@ -339,7 +342,7 @@ class LLMEngine:
         return (0 < len(running) <= self.config.max_num_batched_tokens
                 and all(len(s.token_ids) - s.num_computed_tokens == 1 and s.reports_tokens_only for s in running))
 
-    def _decode_step(self) -> list[RequestOutput] | None:
+    def _decode_step(self, step_start: float) -> list[RequestOutput] | None:
         """``step`` for plain decoding, from lists: at large batches the general step's objects per sequence
         (scheduled entries, forward items, windows, drafts) cost more than the forward of a small model. None (and
         nothing done) when a sequence needs a KV block the pool lacks: the general step preempts."""
@@ -350,10 +353,8 @@ class LLMEngine:
             return None
         start = time.perf_counter()
         logits = self.runner.forward_decode(seq_ids, [s.token_ids[-1] for s in seqs], positions)
-        seconds = time.perf_counter() - start
-        self.scheduler.observe_step(len(seqs), seconds)
+        self.scheduler.observe_step(len(seqs), time.perf_counter() - start)
         if self.draft_policy is not None:  # (a step without drafts: each sequence's wait for its next probe grows)
-            self.draft_policy.observe_forward(len(seqs), seconds)
             for seq_id in seq_ids:
                 self.draft_policy.record(seq_id, 0, 0)
         no_drafts = [_NO_DRAFT] * len(seqs)
@@ -373,6 +374,8 @@ class LLMEngine:
                 outputs.append(output)
             if caching and seq.num_computed_tokens % block_size == 0 and not seq.is_finished:
                 cache_computed(seq)  # a block filled up (finished ones offered theirs when released)
+        if self.draft_policy is not None:
+            self.draft_policy.observe_step(len(seqs), time.perf_counter() - step_start)
         return outputs
 
     def _hand_over_target_states(self, scheduled: list[ScheduledSeq], items: list[ForwardItem]) -> None:
@@ -420,7 +423,8 @@ class LLMEngine:
             if len(d.token_ids) > max(room, 0):
                 d.token_ids = d.token_ids[: max(room, 0)]
                 d.probs = None if d.probs is None else d.probs[: len(d.token_ids)]
-        self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in proposed), time.perf_counter() - start)
+        self._drafting_seconds = time.perf_counter() - start
+        self.draft_policy.costs.observe_drafting(sum(len(d.token_ids) for d in proposed), self._drafting_seconds)
         next_proposed = iter(proposed)
         return [next(next_proposed) if s.num_draft_tokens else _NO_DRAFT for s in windows]
 
