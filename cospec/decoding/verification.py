@@ -131,12 +131,23 @@ def verify_plain_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> Verifi
     longest prefix of each window's ``drafts`` that equals the target's argmax, then the target's token, without
     building per-window state. A step with NaN or +inf logits goes through ``verify`` (it names each failure)."""
     best, target_tokens = kernels.row_max(logits)  # (max propagates NaN and +inf, as in verify)
-    # One sum instead of isfinite + all: it is finite iff every row's max is (an overflow of huge finite logits
-    # only sends the step the slow way, which gives the same tokens).
-    if not math.isfinite(best.sum().item()):
+    if not _all_finite(best):
         return verify(logits, [Window(d, None) for d in drafts])
     starts = _row_starts(len(d) + 1 for d in drafts)
     return Verified(_verify_greedy(target_tokens, drafts), [None] * len(drafts), None, starts[:-1])
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int] | None:
+    """Each row's argmax (a plain decoding step of greedy requests without logits processing), or None when a
+    row's maximum is NaN or +inf (``verify`` then names the failure)."""
+    best, tokens = kernels.row_max(logits)
+    return tokens.tolist() if _all_finite(best) else None
+
+
+def _all_finite(row_max: torch.Tensor) -> bool:
+    # One sum instead of isfinite + all: it is finite iff every row's max is (an overflow of huge finite logits
+    # only sends the step the slow way, which gives the same tokens).
+    return math.isfinite(row_max.sum().item())
 
 
 def _row_starts(num_rows: Iterable[int]) -> list[int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 from array import array
 from collections import OrderedDict, deque
 
@@ -52,6 +53,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        # seq_id -> a stamp that changes whenever its table changes other than by appending blocks (created, cut
+        # back, freed), so that a mirror of the table (InputBatch) knows when a prefix it copied may be stale.
+        self.table_stamps: dict[int, int] = {}
+        self._stamps = itertools.count(1)
         self._ref_counts = [0] * num_blocks
         self._empty_blocks: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; least recently released first
@@ -128,6 +133,7 @@ class BlockManager:
         for block in prefix_blocks:
             self._take(block)
         self.block_tables[seq_id] = list(prefix_blocks)
+        self.table_stamps[seq_id] = next(self._stamps)
         self.lengths[seq_id] = len(prefix_blocks) * self.block_size
         self._seq_hashes[seq_id] = [self._hash_of[b] for b in prefix_blocks]
         if self.enable_prefix_caching:
@@ -188,7 +194,9 @@ class BlockManager:
         if not self._has_room(seq_id, needed):
             # Checked before the sequence is registered: a failed grow leaves no trace (no empty table behind).
             raise OutOfBlocksError(f"sequence {seq_id} needs {needed} more blocks, {self.num_free_blocks} are free")
-        table = self.block_tables.setdefault(seq_id, [])
+        if table is None:
+            table = self.block_tables[seq_id] = []
+            self.table_stamps[seq_id] = next(self._stamps)
         self.lengths.setdefault(seq_id, 0)
         for _ in range(needed):
             table.append(self._take_free(seq_id))
@@ -210,6 +218,8 @@ class BlockManager:
                 raise ValueError(f"cannot truncate sequence {seq_id} to {new_length}: block {block} is a cached "
                                  "prefix shared with other sequences")
             del self._cached[self._hash_of.pop(block)]
+        if len(table) > keep:
+            self.table_stamps[seq_id] = next(self._stamps)
         while len(table) > keep:
             self._release(table.pop())
         hashes = self._seq_hashes.get(seq_id)
@@ -220,6 +230,7 @@ class BlockManager:
     def free(self, seq_id: int) -> None:
         table = self.block_tables.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
+        self.table_stamps.pop(seq_id, None)
         self._seq_hashes.pop(seq_id, None)
         # Last block first: the tail of a sequence is the least likely to be shared, so it is evicted first.
         for block in reversed(table or ()):

@@ -6,12 +6,14 @@ Terms:
   when it first runs and keeps it while the block manager holds its cache; rows of sequences that left
   (finished, aborted, preempted) are reclaimed when a new sequence needs one.
 - synced blocks: the block ids written into a row, a copy of the block manager's table up to what the last step
-  needed. Each step compares them with the block manager's table and writes only what differs: the new block of
-  a growing sequence, the tail after a rollback, the whole row of a sequence that (re)joined. The block manager
-  stays the owner of the tables; this is a mirror that turns "block tables as a tensor" into one row gather.
+  needed. A step writes only what differs: the new block of a growing sequence, the tail after a rollback, the
+  whole row of a sequence that (re)joined. The block manager stays the owner of the tables; this is a mirror that
+  turns "block tables as a tensor" into one row gather. A table changes other than by appending blocks only with
+  a new stamp (``BlockManager.table_stamps``), so a row whose stamp is unchanged and whose copy is long enough
+  needs no comparison at all.
 
-The only Python loop over sequences is that comparison (list operations, no tensors); everything else is a few
-tensor operations per step, whatever the batch size. A plain decoding step (one token and one logit per sequence)
+The only Python loop over sequences is that check (list operations, no tensors); everything else is a few tensor
+operations per step, whatever the batch size. A plain decoding step (one token and one logit per sequence)
 is built from lists instead: a dozen tensor operations cost more than its list work at any batch size here.
 """
 
@@ -44,6 +46,7 @@ class InputBatch:
         self.block_tables = torch.zeros(num_rows, max_blocks, dtype=torch.int32)  # [num_rows, max_blocks], CPU
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.synced: list[list[int]] = [[] for _ in range(num_rows)]  # per row: block ids written into it
+        self.synced_stamps: list[int | None] = [None] * num_rows  # per row: the table stamp its copy was made at
         self._free_rows = list(range(num_rows - 1, -1, -1))
         self._count_tensors: dict[int, torch.Tensor] = {}
 
@@ -51,15 +54,15 @@ class InputBatch:
     def sync(self, seq_ids: list[int], seq_lens: list[int]) -> list[int]:
         """Bring the rows of this step's sequences up to date with the block manager; returns their rows."""
         tables, row_of, synced, block_size = self.block_manager.block_tables, self.row_of, self.synced, self.block_size
+        stamps, synced_stamps = self.block_manager.table_stamps, self.synced_stamps
         rows, writes = [], []
         for seq_id, seq_len in zip(seq_ids, seq_lens):  # the hot loop: list operations only
             row = row_of.get(seq_id)
             if row is None:
                 row = self._join(seq_id)
             num_blocks = -(-seq_len // block_size)
-            wanted = tables[seq_id][:num_blocks]
-            if wanted != synced[row] or len(wanted) < num_blocks:
-                self._resync(seq_id, row, wanted, num_blocks, writes)
+            if len(synced[row]) < num_blocks or synced_stamps[row] != stamps.get(seq_id):
+                self._resync(seq_id, row, tables[seq_id][:num_blocks], num_blocks, writes)
             rows.append(row)
         if writes:
             self._write(writes)
@@ -75,6 +78,7 @@ class InputBatch:
         if first < num_blocks:
             writes.append((row, first, wanted[first:]))
         self.synced[row] = wanted
+        self.synced_stamps[row] = self.block_manager.table_stamps.get(seq_id)
 
     def _join(self, seq_id: int) -> int:
         if not self._free_rows:
@@ -83,10 +87,12 @@ class InputBatch:
             num_rows = self.block_tables.shape[0]
             self.block_tables = torch.cat([self.block_tables, torch.zeros_like(self.block_tables)])
             self.synced += [[] for _ in range(num_rows)]
+            self.synced_stamps += [None] * num_rows
             self._free_rows = list(range(2 * num_rows - 1, num_rows - 1, -1))
         row = self._free_rows.pop()
         self.row_of[seq_id] = row
         self.synced[row] = []
+        self.synced_stamps[row] = None
         return row
 
     def _reclaim(self) -> None:

@@ -22,7 +22,7 @@ from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
 from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
-from cospec.decoding.verification import Verified, Window, defer, verify, verify_plain_greedy
+from cospec.decoding.verification import Verified, Window, defer, greedy_tokens, verify, verify_plain_greedy
 from cospec.engine.block_manager import BlockManager, RegionBlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.head_runner import HeadRunner
@@ -357,26 +357,43 @@ class LLMEngine:
         if self.draft_policy is not None:  # (a step without drafts: each sequence's wait for its next probe grows)
             for seq_id in seq_ids:
                 self.draft_policy.record(seq_id, 0, 0)
-        no_drafts = [_NO_DRAFT] * len(seqs)
-        verified = self._verify(seqs, no_drafts, logits)
+        tokens, errors = self._decode_tokens(seqs, logits)
         block_size, cache_computed = self.block_manager.block_size, self.scheduler.cache_computed
         caching = self.block_manager.enable_prefix_caching
         outputs = []
-        for seq, tokens, error in zip(seqs, verified.tokens, verified.errors):
+        for seq, token, error in zip(seqs, tokens, errors):
             seq.num_computed_tokens += 1
             seq.stats.num_steps += 1
             if error is not None:
                 seq.error = error
                 outputs.append(self._finish(seq, "error"))
                 continue
-            output = self._append(seq, tokens)
-            if output is not None:
-                outputs.append(output)
-            if caching and seq.num_computed_tokens % block_size == 0 and not seq.is_finished:
-                cache_computed(seq)  # a block filled up (finished ones offered theirs when released)
+            # ``_append`` of one token, without what cannot apply here (stopping criteria; the first token's time,
+            # which the step that computed the last prompt token recorded).
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            if token in seq.stop_ids:
+                outputs.append(self._finish(seq, "stop"))
+            elif len(token_ids) >= seq.max_num_tokens:
+                outputs.append(self._finish(seq, "length"))
+            else:
+                if not seq.params.final_only:
+                    outputs.append(seq.to_output())
+                if caching and seq.num_computed_tokens % block_size == 0:
+                    cache_computed(seq)  # a block filled up (finished ones offered theirs when released)
         if self.draft_policy is not None:
             self.draft_policy.observe_step(len(seqs), time.perf_counter() - step_start)
         return outputs
+
+    def _decode_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list[str | None]]:
+        """Each sequence's token from its row of a plain decoding step's logits, and its error (None if none; then
+        its token is None)."""
+        if all(s.is_plain_greedy for s in seqs):
+            tokens = greedy_tokens(logits)
+            if tokens is not None:
+                return tokens, [None] * len(seqs)
+        verified = self._verify(seqs, [_NO_DRAFT] * len(seqs), logits)
+        return [t[0] if t else None for t in verified.tokens], verified.errors
 
     def _hand_over_target_states(self, scheduled: list[ScheduledSeq], items: list[ForwardItem]) -> None:
         """Give the draft head the target's aux hidden states of the positions each sequence keeps (its new tokens
