@@ -10,9 +10,9 @@ thread. Systems, in one process and interleaved (the order alternates each repea
 Reported per batch size: ms per step (wall time of one ``generate`` call / new tokens per row, prefill included)
 as the median over repeats, the ratio cospec / HF (median of per-repeat ratios), and the time inside the model's
 ``forward`` per step, so that ``overhead = step - forward`` is what each system spends outside the model. The
-profile (cProfile, one run per system at ``--profile-batch``) splits cospec's step into phases: schedule,
-propose, metadata, forward, verify, postprocess, other. cProfile inflates Python-heavy phases; use it for shares,
-the timed runs for figures.
+profile (cProfile, one run per system at ``--profile-batch``) splits cospec's step (the general one and the plain
+decoding one) into phases: schedule, propose (draft lengths and drafting), metadata, forward, verify,
+postprocess, other. cProfile inflates Python-heavy phases; use it for shares, the timed runs for figures.
 """
 
 from __future__ import annotations
@@ -35,17 +35,9 @@ from benchmarks.common import environment, summarize
 SYSTEMS = ("hf", "cospec", "cospec_prompt_lookup")
 PROMPT_LOOKUP_TOKENS = 4
 
-# Phase -> (file suffix, function name) of the calls whose cumulative time makes it (cospec's engine).
-# "forward" is the target runner's forward called from the engine step, minus the metadata built inside it.
-PHASES = {
-    "schedule": [("engine/scheduler.py", "schedule")],
-    "propose": [("engine/llm_engine.py", "_propose")],
-    "metadata": [("engine/input_batch.py", "prepare")],
-    "forward": [("engine/model_runner.py", "forward")],
-    "verify": [("engine/llm_engine.py", "_verify")],
-    "postprocess": [("engine/llm_engine.py", "_accept")],
-}
-STEP = ("engine/llm_engine.py", "step")
+# Where the functions that phase_profile splits a step by live.
+ENGINE, RUNNER, BATCH = "engine/llm_engine.py", "engine/model_runner.py", "engine/input_batch.py"
+STEP, DECODE_STEP = (ENGINE, "step"), (ENGINE, "_decode_step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,13 +128,24 @@ def phase_profile(model, batch, max_new_tokens: int, system: str) -> dict[str, f
                 total += sum(c[3] for (f, _, n), c in callers.items() if n == caller[1] and f.endswith(caller[0]))
         return total
 
+    # A step is the general one (schedule, propose, forward, verify, accept) or a plain decoding step
+    # (LLMEngine._decode_step: room, forward_decode, tokens, then appending inline, counted as postprocess).
+    # The target's forwards are those called from either (draft forwards belong to propose), their metadata apart.
+    metadata = (cumulative(BATCH, "prepare", caller=(RUNNER, "forward"))
+                + cumulative(BATCH, "prepare_decode", caller=(RUNNER, "forward_decode")))
+    decode_room = cumulative("engine/block_manager.py", "try_grow_each", caller=DECODE_STEP)
+    decode_forward = cumulative(RUNNER, "forward_decode", caller=DECODE_STEP)
+    decode_tokens = cumulative(ENGINE, "_decode_tokens", caller=DECODE_STEP)
     step = cumulative(*STEP)
-    phases = {name: sum(cumulative(*f) for f in funcs) for name, funcs in PHASES.items() if name != "forward"}
-    # The target's forward: called from the engine step (draft forwards belong to propose); its metadata is apart.
-    target_metadata = sum(cumulative(*f, caller=("engine/model_runner.py", "_forward")) for f in PHASES["metadata"])
-    target_forward = cumulative("engine/model_runner.py", "forward", caller=STEP)
-    phases["forward"] = target_forward - target_metadata
-    phases["metadata"] = target_metadata
+    phases = {
+        "schedule": cumulative("engine/scheduler.py", "schedule") + decode_room,
+        "propose": cumulative(ENGINE, "_draft_lengths") + cumulative(ENGINE, "_propose"),
+        "metadata": metadata,
+        "forward": cumulative(RUNNER, "forward", caller=STEP) + decode_forward - metadata,
+        "verify": cumulative(ENGINE, "_verify", caller=STEP) + decode_tokens,
+        "postprocess": (cumulative(ENGINE, "_accept")
+                        + cumulative(*DECODE_STEP) - decode_room - decode_forward - decode_tokens),
+    }
     phases["other"] = step - sum(phases.values())
     return {"step_total": step, **phases}
 
