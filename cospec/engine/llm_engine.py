@@ -113,6 +113,7 @@ class LLMEngine:
         # the target's).
         self._draft_rolls_back = isinstance(self.proposer, ModelDraftProposer) and not draft_is_member
         self._seq_ids = itertools.count()
+        self._drafting_seconds = 0.0  # the proposer's time in the current step (not part of the step's measured cost)
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
 
     def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
