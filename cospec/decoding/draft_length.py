@@ -223,9 +223,8 @@ class DraftLengthPolicy:
             rates[s] = (stats.first_rate(first_prior), min(stats.next_rate(next_prior), 0.999))
         k = self._best_drafts(rates, num_other_tokens + len(seq_ids))
         # Re-test sequences that drafting was switched off for, now and then; when this step drafts anyway, those
-        # halfway to their probe too (probes then share steps).
-        # Probes are pointless where even drafts that are always accepted would not pay for a step with drafts,
-        # unless that price is old (measured before _REMEASURE_STEPS steps without drafts).
+        # halfway to their probe too (probes then share steps). Probes are pointless where even drafts that are
+        # always accepted would not pay for a step with drafts, unless that price is old (_REMEASURE_STEPS).
         waits = [(s, stats.steps_without_drafts, self._probe_interval(stats)) for s in seq_ids
                  if k[s] == 0 and (stats := self.stats.get(s)) is not None]
         if any(k.values()) or (any(wait >= interval for _, wait, interval in waits)
