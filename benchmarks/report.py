@@ -115,6 +115,7 @@ def markdown(results: dict) -> str:
             f" {_fmt(row['target_forwards_per_token'], '.2f')} | {row['identical_to_hf'] or '–'} |"
             f" {row['peak_rss_increase_mb']:.0f} |")
     lines += ["", f"Process peak RSS: {results['process_peak_rss_bytes'] / 2**20:.0f} MB."]
+    lines += [f"cospec's CPU setting at the end: {setting}" for setting in results.get("cospec_cpu_settings", [])]
     pairs = pairwise(results["records"])
     if pairs:
         lines += ["", "Pairwise (tokens/s ratio per batch of prompts, median (min–max)):", "",

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from benchmarks import report, workloads
 from benchmarks.common import RSSPeakSampler, environment, peak_rss_bytes
 from benchmarks.systems import FUSION_SYSTEMS, SYSTEMS, UnsupportedError, make_system, truncated_copy
+from cospec.engine.cpu_threads import thread_choices
 
 DEFAULT_METHODS = ("hf", "hf_prompt_lookup", "hf_assisted", "cospec", "cospec_prompt_lookup", "cospec_self_spec",
                    "cospec_draft", "cospec_eagle")
@@ -77,8 +78,10 @@ def run(args: argparse.Namespace) -> Path:
                         records.append(_measure(systems[name], name, workload, batch_size, start, batch,
                                                 args.max_new_tokens, sampler))
                         bar.update()
+    # The CPU setting cospec's checks ended on moves whole runs (threads, row plan or F.linear): kept with them.
     results = {"environment": environment(), "arguments": {k: v for k, v in vars(args).items() if not callable(v)},
-               "records": records, "process_peak_rss_bytes": peak_rss_bytes()}
+               "records": records, "process_peak_rss_bytes": peak_rss_bytes(),
+               "cospec_cpu_settings": [choice.describe() for choice in thread_choices()]}
     results["summary"] = report.summarize(records)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     markdown = report.markdown(results)

@@ -107,6 +107,7 @@ def test_quick_bench_runs_and_writes_valid_output(tmp_path):
     batch_one = [r for r in results["summary"] if r["batch_size"] == 1 and "unsupported" not in r]
     assert batch_one and all(r["identical_to_hf"] == "2/2" for r in batch_one)
     assert (out / "results.md").read_text().count("| rewrite |") >= 4
+    assert results["cospec_cpu_settings"] and "CPU setting at the end" in (out / "results.md").read_text()
     for name in ("speedup.png", "acceptance.png", "throughput_vs_batch.png"):
         assert (out / name).stat().st_size > 1000
 
