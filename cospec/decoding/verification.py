@@ -183,17 +183,6 @@ def _rows(starts: list[int], members: list[int], device) -> torch.Tensor:
     return is_member.repeat_interleave(num_rows).nonzero().squeeze(1).to(device)
 
 
-def _offsets(drafts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    cu = torch.zeros(len(drafts) + 1, dtype=torch.int64)
-    cu[1:] = torch.tensor([len(d) for d in drafts]).cumsum(0)
-    flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
-    return flat.to(device), cu.to(device), max(len(d) for d in drafts)
-
-
-def _unpad(output: torch.Tensor) -> list[list[int]]:
-    return [[t for t in row if t >= 0] for row in output.tolist()]
-
-
 def _verify_greedy(target_tokens: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
     if not any(drafts):  # plain decoding: the target's token is the token
         return [[t] for t in target_tokens.tolist()]
@@ -208,9 +197,9 @@ def _rejection_sample(target_probs: torch.Tensor, windows: list[Window]) -> list
     is_draft_row = torch.cat([torch.arange(w.num_rows) < len(w.draft_token_ids) for w in windows])
     uniform = uniform_noise(noise_keys(seeds[is_draft_row], positions[is_draft_row], STREAM_ACCEPT).to(device), dtype)
     noise = exponential_noise(noise_keys(seeds, positions, STREAM_TARGET).to(device), vocab_size, dtype)
-    flat, cu, max_k = _offsets([w.draft_token_ids for w in windows], device)
+    flat, cu, max_k = kernels.pack_drafts([w.draft_token_ids for w in windows], device)
     q = torch.cat([w.draft_probs for w in windows]).to(device, dtype)
-    return _unpad(kernels.rejection_sample(target_probs, q, flat, cu, uniform, noise, max_k))
+    return kernels.unpad_rows(kernels.rejection_sample(target_probs, q, flat, cu, uniform, noise, max_k))
 
 
 def defer(

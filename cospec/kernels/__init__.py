@@ -8,7 +8,6 @@ to force the references on a GPU as well (useful when bisecting a numerical diff
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, paged_attention_kernel, rejection_sample_kernel,
                             row_max_cpu, store_kv_kernel, verify_greedy_kernel)
 from cospec.kernels.paged_attention_kernel import GatherLayout
+from cospec.kernels.verify_greedy_kernel import pack_drafts, unpad_rows
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -104,10 +104,7 @@ def verify_greedy_windows(
     """``verify_greedy`` for drafts given as lists, each window's tokens returned as a list: the kernel on CUDA,
     a walk over the windows in Python elsewhere (cheaper there than the reference's tensor operations)."""
     if use_triton(target_argmax):
-        cu = torch.tensor([0, *itertools.accumulate(len(d) for d in drafts)], device=target_argmax.device)
-        flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=target_argmax.device)
-        padded = verify_greedy_kernel.verify_greedy(target_argmax, flat, cu, max(map(len, drafts), default=0))
-        return [[t for t in row if t >= 0] for row in padded.tolist()]
+        return unpad_rows(verify_greedy_kernel.verify_greedy(target_argmax, *pack_drafts(drafts, target_argmax.device)))
     return verify_greedy_kernel.verify_greedy_lists(target_argmax.tolist(), drafts)
 
 

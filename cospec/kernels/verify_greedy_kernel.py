@@ -154,6 +154,20 @@ def verify_greedy_ref(
     return _gather_rows(target_argmax, window_start, num_accepted + 1, max_k + 1)
 
 
+def pack_drafts(drafts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The kernels' draft inputs for per-window lists: flat ids ``[num_drafts_total]`` int64, ``cu_num_draft_tokens``
+    ``[batch + 1]`` int64 and ``max_k``."""
+    cu = torch.zeros(len(drafts) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor([len(d) for d in drafts]).cumsum(0)
+    flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
+    return flat.to(device), cu.to(device), max(len(d) for d in drafts)
+
+
+def unpad_rows(output: torch.Tensor) -> list[list[int]]:
+    """Each row of a kernel's ``[batch, max_k + 1]`` output without its PLACEHOLDER_TOKEN_ID padding."""
+    return [[t for t in row if t >= 0] for row in output.tolist()]
+
+
 def verify_greedy_lists(target_argmax: list[int], drafts: list[list[int]]) -> list[list[int]]:
     """``verify_greedy`` on Python lists: each window's emitted tokens (its accepted drafts, then the target's
     token), unpadded. The CPU path: for a step's few hundred ints a walk over the windows costs less than the
