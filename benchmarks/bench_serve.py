@@ -170,6 +170,8 @@ class RequestResult:
     prompt_tokens: int = 0
     error: str | None = None
     text: str = ""  # the answer
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage.prompt_tokens_details)
+    turn: int = 0  # the request's turn in its session (0: the first)
 
     @property
     def tpot_s(self) -> float | None:
@@ -200,7 +202,9 @@ async def send(client, model: str, messages: list[dict], max_tokens: int, temper
         return RequestResult(False, error=f"{type(error).__name__}: {str(error)[:200]}")
     end = time.perf_counter()
     tokens = (0, 0) if usage is None else (usage.completion_tokens, usage.prompt_tokens)
-    return RequestResult(True, (first or end) - start, end - start, *tokens, text="".join(pieces))
+    details = getattr(usage, "prompt_tokens_details", None)
+    return RequestResult(True, (first or end) - start, end - start, *tokens, text="".join(pieces),
+                         cached_tokens=getattr(details, "cached_tokens", None) or 0)
 
 
 async def run_load(url: str, api_key: str, model: str, sessions: list[Session], max_tokens: int,
@@ -227,6 +231,7 @@ async def run_load(url: str, api_key: str, model: str, sessions: list[Session], 
             for turn in range(len(session.requests)):
                 result = await send(client, model, session.messages(turn, answers), max_tokens, temperature,
                                     session.id)
+                result.turn = turn
                 results[i, turn] = result
                 if own_answers:
                     if not result.ok:
@@ -266,6 +271,10 @@ def summarize_run(label: str, load: str, results: list[RequestResult], wall: flo
            "output_tokens_per_s": output_tokens / wall,
            "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / len(ok) if ok else None,
            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+           # Multi-turn: first turns have no earlier turn to reuse; later turns are where a prefix cache can help.
+           "ttft_p50_first_turns_ms": percentile([r.ttft_s * 1000 for r in ok if r.turn == 0], 50),
+           "ttft_p50_later_turns_ms": percentile([r.ttft_s * 1000 for r in ok if r.turn > 0], 50),
+           "mean_cached_prompt_tokens": sum(r.cached_tokens for r in ok) / len(ok) if ok else None,
            "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99), "acceptance_rate": None,
            "prefix_cache_hit_rate": None, "errors": sorted({r.error for r in results if r.error})[:5]}
     if before is not None and after is not None:
@@ -284,13 +293,14 @@ def markdown_table(rows: list[dict]) -> str:
     def fmt(value, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| config | load | done/failed | output tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-             "| acceptance | prefix hit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | load | done/failed | output tok/s | req/s | TTFT p50 / p99 (ms) | TTFT p50 first / later "
+             "turns (ms) | TPOT p50 / p99 (ms) | acceptance | prefix hit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['load']} | {r['completed']}/{r['failed']} "
                      f"| {fmt(r['output_tokens_per_s'])} | {fmt(r['requests_per_s'], 2)} "
                      f"| {fmt(r['ttft_p50_ms'], 0)} / {fmt(r['ttft_p99_ms'], 0)} "
+                     f"| {fmt(r.get('ttft_p50_first_turns_ms'), 0)} / {fmt(r.get('ttft_p50_later_turns_ms'), 0)} "
                      f"| {fmt(r['tpot_p50_ms'], 0)} / {fmt(r['tpot_p99_ms'], 0)} | {fmt(r['acceptance_rate'], 2)} "
                      f"| {fmt(r['prefix_cache_hit_rate'], 2)} |")
     return "\n".join(lines)

@@ -65,12 +65,16 @@ def test_configurations_cover_speculation_replicas_and_prefix_caching():
 
 
 def test_summary_reports_the_prefix_cache_hit_rate():
-    results = [RequestResult(True, 0.1, 0.5, 5, 100), RequestResult(False, error="x")]
+    results = [RequestResult(True, 0.1, 0.5, 5, 100), RequestResult(False, error="x"),
+               RequestResult(True, 0.02, 0.3, 5, 140, cached_tokens=96, turn=1),
+               RequestResult(True, 0.04, 0.3, 5, 180, cached_tokens=128, turn=2)]
     before = {"cospec_prefix_cache_queries_total": 50, "cospec_prefix_cache_hits_total": 10}
     after = {"cospec_prefix_cache_queries_total": 250, "cospec_prefix_cache_hits_total": 160}
     row = summarize_run("plain", "1 sessions/s", results, 2.0, before, after)
-    assert row["prefix_cache_hit_rate"] == 0.75 and row["completed"] == 1 and row["failed"] == 1
-    assert row["mean_prompt_tokens"] == 100
+    assert row["prefix_cache_hit_rate"] == 0.75 and row["completed"] == 3 and row["failed"] == 1
+    assert row["mean_prompt_tokens"] == 140 and row["mean_cached_prompt_tokens"] == 224 / 3
+    assert row["ttft_p50_first_turns_ms"] == 100 and abs(row["ttft_p50_later_turns_ms"] - 30) < 1e-9
+    assert "| 100 / 30 |" in markdown_table([row]).splitlines()[-1]
     assert markdown_table([row]).splitlines()[-1].endswith("| 0.75 |")
 
 

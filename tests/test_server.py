@@ -177,6 +177,9 @@ def test_load_test_sends_back_the_answers_it_received(server, model_dir, llm):
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     (expected,) = llm.generate([ids], cospec.SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     assert second.prompt_tokens == len(ids) and second.text == expected.text
+    # usage.prompt_tokens_details.cached_tokens: turn 2 found turn 1's prompt in the prefix cache (all its full
+    # 16-token blocks), never its own last token.
+    assert first.prompt_tokens // 16 * 16 <= second.cached_tokens < second.prompt_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True])
