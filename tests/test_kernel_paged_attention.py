@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cospec.kernels import paged_attention_kernel as pa_mod
+from cospec.kernels.paged_attention_ref import GatherLayout
 
 triton = pytest.importorskip("triton")
 
@@ -159,7 +160,7 @@ def test_reference_layout_is_reused_across_calls():
     # The engine passes one GatherLayout to every layer of a step: its results must not depend on the pool.
     query, k_pool, v_pool, tables, lens, qsl, keys, values = _paged_batch((3, 1), (10, 21), 4, 2, 64,
                                                                           dtype=torch.float64)
-    layout = pa_mod.GatherLayout(tables, lens, qsl, 16)
+    layout = GatherLayout(tables, lens, qsl, 16)
     args = (tables, lens, qsl, 16, None, 4)
     first = pa_mod.paged_attention_ref(query, k_pool, v_pool, *args, layout=layout)
     second = pa_mod.paged_attention_ref(query, v_pool, k_pool, *args, layout=layout)  # another layer's pool
@@ -184,7 +185,7 @@ def test_reference_reads_a_lone_sequence_in_place_when_its_blocks_lie_in_a_row(q
     slots = (blocks[:, None] * 4 + torch.arange(4)).flatten()[:seq_len]
     k_pool[slots], v_pool[slots] = keys[0], values[0]
     tables = blocks.to(torch.int32)[None]
-    layout = pa_mod.GatherLayout(tables, lens, qsl, 4)
+    layout = GatherLayout(tables, lens, qsl, 4)
     assert (layout.single_run_start == 8) == (consecutive or num_blocks == 1)
     out = pa_mod.paged_attention_ref(query, k_pool, v_pool, tables, lens, qsl, 4, None, layout=layout)
     _assert_close(out, _dense_attention(query, keys, values, (q_len,), 1 / 8), 1e-12, 1e-12, "lone sequence")
@@ -228,7 +229,7 @@ def test_reference_reads_sequences_in_regions_in_place(q_lens, seq_lens, regions
                                                       head_dim, sliding_window, softcap):
     query, k_pool, v_pool, tables, lens, qsl, keys, values = _region_batch(q_lens, seq_lens, regions, num_heads,
                                                                            num_kv_heads, head_dim)
-    layout = pa_mod.GatherLayout(tables, lens, qsl, 4, region_blocks=4)
+    layout = GatherLayout(tables, lens, qsl, 4, region_blocks=4)
     assert (layout.regions is not None) == in_place
     args = (k_pool, v_pool, tables, lens, qsl, 4, None, sliding_window, softcap)
     out = pa_mod.paged_attention_ref(query, *args, layout=layout)

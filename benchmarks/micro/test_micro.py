@@ -11,6 +11,7 @@ from cospec.decoding.fusion import FusionSpec, fusion_tensors
 from cospec.decoding.ngram_model import NgramLM
 from cospec.decoding.prompt_lookup import find_ngram_draft
 from benchmarks.gpu_kernel_check import paged_batch
+from cospec.kernels.paged_attention_ref import GatherLayout
 from cospec.kernels import (fuse_sample_kernel, paged_attention_kernel, rejection_sample_kernel, store_kv_kernel,
                             verify_greedy_kernel)
 
@@ -106,7 +107,7 @@ def test_paged_attention(benchmark, device, impl, shape):
     args = (query, k_pool, v_pool, tables, lens, qsl, 16)
     run = _impl(device, impl, paged_attention_kernel, "paged_attention")
     if impl == "reference":
-        layout = paged_attention_kernel.GatherLayout(tables, lens, qsl, 16, q_len, seq_len, query.shape[0])
+        layout = GatherLayout(tables, lens, qsl, 16, q_len, seq_len, query.shape[0])
         kwargs = {"layout": layout}
     else:
         kwargs = {"max_kv_len": seq_len}

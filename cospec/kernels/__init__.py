@@ -15,7 +15,7 @@ import torch
 # Imported here, not per call: the dispatch functions run once per layer and step.
 from cospec.kernels import (fuse_sample_kernel, keyed_noise_kernel, paged_attention_kernel, rejection_sample_kernel,
                             row_max_cpu, store_kv_kernel, verify_greedy_kernel)
-from cospec.kernels.paged_attention_kernel import GatherLayout
+from cospec.kernels.paged_attention_ref import GatherLayout
 from cospec.kernels.verify_greedy_kernel import pack_drafts, unpad_rows
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
