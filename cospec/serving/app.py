@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from pydantic import ValidationError
 from cospec.engine.sampling_params import SamplingParams
 from cospec.engine.sequence import RequestOutput
 from cospec.serving import protocol as p
+from cospec.serving.asgi import CatchUnexpected, Gate, error_response, event_stream, sse, unexpected, until_disconnect
 from cospec.serving.engine_client import EngineFailed, RequestStream, ServerShuttingDown
 from cospec.serving.errors import ApiError, from_validation_error
 from cospec.serving.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
@@ -283,9 +283,9 @@ class Server:
                              stream.request_id, self.options.served_model_name)
         headers = {"X-Cospec-Replica": stream.replica} if stream.replica else {}
         if job.stream:
-            return _EventStream(self._events(response), on_close=lambda: self._close(response), headers=headers)
+            return event_stream(self._events(response), on_close=lambda: self._close(response), headers=headers)
         try:
-            finished = await _until_disconnect(request, self._final(response))
+            finished = await until_disconnect(request, self._final(response))
         finally:
             self._close(response)
         if not finished:  # the client left; nobody reads this
@@ -390,28 +390,28 @@ class Server:
         try:
             if job.kind == "chat":
                 for choice in response.choices:
-                    yield _sse(chunk(response, choice.index, p.DeltaMessage(role="assistant", content=""), None, None))
+                    yield sse(chunk(response, choice.index, p.DeltaMessage(role="assistant", content=""), None, None))
             while not response.is_finished:
                 try:
                     updates = await self._advance(response)
                 except ApiError as error:
-                    yield _sse(error.body())
+                    yield sse(error.body())
                     break
                 for choice, piece, logprobs, finish_reason in updates:
                     if piece or (logprobs is not None and _has_tokens(logprobs)):
-                        yield _sse(chunk(response, choice.index, piece, logprobs, None))
+                        yield sse(chunk(response, choice.index, piece, logprobs, None))
                     if finish_reason is not None:
-                        yield _sse(chunk(response, choice.index, None, None, finish_reason))
+                        yield sse(chunk(response, choice.index, None, None, finish_reason))
                 if response.is_finished:
                     self._close(response)  # at once (a stop string): the engine need not run on
             if response.is_finished and job.include_usage:
                 usage_chunk = (p.ChatCompletionStreamResponse if job.kind == "chat" else p.CompletionStreamResponse)(
                     id=response.id, created=response.created, model=response.model, choices=[], usage=response.usage())
-                yield _sse(usage_chunk)
+                yield sse(usage_chunk)
         except Exception:  # noqa: BLE001 - the response has started: end it with an error event, not a cut body
             error_id = uuid.uuid4().hex
             logger.exception("unexpected error in stream %s (error id %s)", response.id, error_id)
-            yield _sse(_unexpected(error_id).body())
+            yield sse(unexpected(error_id).body())
         yield "data: [DONE]\n\n"
 
     def _chat_chunk(self, response: _Response, index: int, delta, logprobs, finish_reason):
@@ -506,112 +506,6 @@ def _merge_completion(parts: list[p.CompletionLogProbs], num_top: int) -> p.Comp
     return merged
 
 
-def _sse(payload) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
-
-
-def _unexpected(error_id: str) -> ApiError:
-    return ApiError(f"internal server error (error id {error_id}; the server log has the details)", status=500,
-                    type="server_error", code="internal_error")
-
-
-async def _until_disconnect(request, work) -> bool:
-    """Await ``work`` unless the client disconnects first (then cancel it and return False)."""
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        finished, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-        if not work_task.done():
-            work_task.cancel()
-    return work_task.result() if work_task in finished else False
-
-
-def _EventStream(events, on_close, headers: dict):  # noqa: N802 - builds the class lazily: no starlette at import
-    from starlette.responses import StreamingResponse
-
-    class EventStream(StreamingResponse):
-        """Server-sent events; ``on_close`` runs however the response ends (finished, client gone, cancelled)."""
-
-        async def __call__(self, scope, receive, send) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                on_close()
-
-    return EventStream(events, media_type="text/event-stream",
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-
-
-class _Gate:
-    """ASGI middleware: the API key (all paths but /health) and the count of /v1 responses by status."""
-
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-        self.api_key = None if api_key is None else api_key.encode("utf-8")
-
-    def _authorized(self, scope) -> bool:
-        # Compared as bytes: a non-ASCII key arrives as its UTF-8 bytes.
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path.startswith("/v1/"):
-            inner_send = send
-
-            async def send(message) -> None:
-                if message["type"] == "http.response.start":
-                    self.metrics.http_requests.labels(status=str(message["status"])).inc()
-                await inner_send(message)
-        if self.api_key is not None and path != "/health" and not self._authorized(scope):
-            error = ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401,
-                             type="authentication_error", code="invalid_api_key")
-            return await _error_response(error)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class _CatchUnexpected:
-    """ASGI middleware inside Starlette's error handling: an unexpected exception before the response started
-    becomes a complete 500 (with an error id that the log repeats), so the keep-alive connection stays usable.
-    (Starlette's own handler would send its 500 and re-raise, and the server would then drop the connection.)"""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def watch(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except Exception:
-            if started:  # a body is on its way: only closing the connection can tell the client
-                raise
-            error_id = uuid.uuid4().hex
-            logger.exception("unexpected error on %s %s (error id %s)", scope.get("method"), scope["path"], error_id)
-            await _error_response(_unexpected(error_id))(scope, receive, send)
-
-
-def _error_response(error: ApiError):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(error.body().model_dump(mode="json"), status_code=error.status, headers=error.headers)
-
-
 def build_app(client, options: ServeOptions):
     """The ASGI app; the engine client runs while the app's lifespan does. ``app.server`` is the ``Server``."""
     from starlette.applications import Starlette
@@ -631,12 +525,12 @@ def build_app(client, options: ServeOptions):
             server.close()
 
     async def api_error(request, error: ApiError):
-        return _error_response(error)
+        return error_response(error)
 
     async def http_error(request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         message = f"{error.detail}: {request.method} {request.url.path}"
-        return _error_response(ApiError(message, status=error.status_code, code=code))
+        return error_response(ApiError(message, status=error.status_code, code=code))
 
     routes = [
         Route("/v1/completions", server.completions, methods=["POST"]),
@@ -645,8 +539,8 @@ def build_app(client, options: ServeOptions):
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(_CatchUnexpected)],
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CatchUnexpected)],
                     exception_handlers={ApiError: api_error, HTTPException: http_error})
-    gate = _Gate(app, options.api_key, server.metrics)
+    gate = Gate(app, options.api_key, server.metrics)
     gate.server = server
     return gate
