@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cospec.kernels import paged_attention_kernel as pa_mod
-from cospec.kernels.paged_attention_ref import GatherLayout
+from cospec.kernels.paged_attention_ref import GatherLayout, _padded_attention
 
 triton = pytest.importorskip("triton")
 
@@ -20,6 +20,7 @@ _WINDOW_PARAMS = [  # (q_lens, seq_lens): queries per sequence and its KV length
     ((1, 1, 1), (7, 33, 50)),  # decode; lengths not multiples of the block size
     ((16, 5, 1), (16, 21, 40)),  # a whole 16-token prefill, a verify window, a decode
     ((3, 16, 9, 1, 12), (70, 16, 30, 9, 12)),  # ragged: chunked prefill (9 new of 30), windows of 1-16
+    ((20, 1, 3, 1), (20, 40, 30, 9)),  # a 20-token prefill beside decodes: the reference attends to it apart
 ]
 _HEAD_PARAMS = [  # (num_heads, num_kv_heads, head_dim): GQA ratios 1, 2, 4; head_dim 80 is not a power of two
     (4, 4, 64),
@@ -238,6 +239,53 @@ def test_reference_reads_sequences_in_regions_in_place(q_lens, seq_lens, regions
     _assert_close(out, expected, tol, tol, "regions")
     if in_place:  # the keys were read through a view of the pool, not copied
         assert layout.gather(k_pool, 0).untyped_storage().data_ptr() == k_pool.untyped_storage().data_ptr()
+
+
+_MIXED_PARAMS = [  # (q_lens, seq_lens): prefill chunks longer than SHORT_WINDOW beside decodes and verify windows
+    ((40, 1, 1, 3, 1), (45, 60, 33, 20, 50)),
+    ((20, 1, 33), (20, 70, 50)),  # two chunks: padded together, apart from the decode
+]
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", _MIXED_PARAMS)
+@pytest.mark.parametrize("sliding_window,softcap", _VARIANT_PARAMS)
+def test_reference_attends_to_prefill_chunks_apart_from_short_windows(q_lens, seq_lens, sliding_window, softcap):
+    # Padded together, every decoding sequence would run as many queries as the longest chunk (SDPA computes them
+    # all); the layout splits the batch into its short and its long windows, and each query row is computed once.
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _paged_batch(q_lens, seq_lens, 4, 2, 64, block_size=4,
+                                                                          dtype=torch.float64)
+    layout = GatherLayout(tables, lens, qsl, 4)
+    assert layout.parts is not None
+    rows = torch.cat([r for _, r in layout.parts])
+    assert sorted(rows.tolist()) == list(range(sum(q_lens)))
+    assert [part.max_q_len <= 16 for part, _ in layout.parts] == [True, False]
+    args = (k_pool, v_pool, tables, lens, qsl, 4, None, sliding_window, softcap)
+    out = pa_mod.paged_attention_ref(query, *args, layout=layout)
+    expected = _dense_attention(query, keys, values, q_lens, 1 / 8, sliding_window, softcap)
+    tol = 1e-12 if softcap is None else 1e-6
+    _assert_close(out, expected, tol, tol, "split")
+    padded = _padded_attention(query, k_pool, v_pool, GatherLayout(tables, lens, qsl, 4), None, sliding_window,
+                               softcap)
+    _assert_close(out, padded, tol, tol, "split against padded")
+
+
+def test_short_windows_alone_are_not_split():
+    for q_lens, seq_lens in [((1, 1, 1), (7, 33, 50)), ((16, 5, 1), (16, 21, 40)), ((40,), (45,)),
+                             ((40, 30), (45, 60)), ((17, 1), (17, 18))]:  # the last: splitting would not pay
+        _, _, _, tables, lens, qsl, _, _ = _paged_batch(q_lens, seq_lens, 4, 2, 64, block_size=4)
+        assert GatherLayout(tables, lens, qsl, 4).parts is None, (q_lens, seq_lens)
+
+
+def test_split_batch_in_regions_reads_each_part_in_place():
+    q_lens, seq_lens = (20, 1, 1), (24, 30, 9)
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _region_batch(q_lens, seq_lens, (0, 1, 2), 4, 2, 64,
+                                                                           region_blocks=8, num_regions=4)
+    layout = GatherLayout(tables, lens, qsl, 4, region_blocks=8)
+    assert layout.parts is not None
+    out = pa_mod.paged_attention_ref(query, k_pool, v_pool, tables, lens, qsl, 4, layout=layout)
+    _assert_close(out, _dense_attention(query, keys, values, q_lens, 1 / 8), 1e-12, 1e-12, "split regions")
+    short, long = (part for part, _ in layout.parts)
+    assert short.regions is not None and long.single_run_start is not None
 
 
 # ---- bad input ----

@@ -3,18 +3,26 @@ the checks both share.
 
 The reference gathers every sequence's keys into a padded ``[num_seqs, max_kv_len]`` batch (or reads them in place,
 when a lone sequence's blocks lie in a row or each sequence owns a region of the pool) and runs SDPA with a causal
-(banded for sliding windows) mask. The engine builds the gather layout once per step (``GatherLayout``) and every
-layer of the step's forward shares it. The math is in the kernel module's docstring.
+(banded for sliding windows) mask; a batch that mixes prefill chunks with decode steps runs as two such batches, so
+that no decode is padded to a chunk's length. The engine builds the gather layout once per step (``GatherLayout``)
+and every layer of the step's forward shares it. The math is in the kernel module's docstring.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+SHORT_WINDOW = 16
+"""Query windows up to this long (decode steps, verify windows) are padded together; longer ones (prefill chunks)
+are attended to apart from them when padding them together would cost more (``GatherLayout.parts``)."""
+SPLIT_GAIN = 2
+"""Split a batch only where padded attention would cost this many times the split's (in query-key pairs)."""
 
 
 def _check_metadata(block_tables, seq_lens, query_start_loc, block_size) -> None:
@@ -74,6 +82,10 @@ class GatherLayout:
     keys are not gathered: the regions the batch spans are read as one strided view of the pool, a row per region.
     A region between the batch's sequences that none of them owns is a padding row (its outputs are dropped).
 
+    A batch that mixes prefill chunks with decode steps would pad every decoding sequence to the chunk's length
+    (SDPA computes every padded query against every key: a 300-token chunk beside 31 decodes over 400 keys costs
+    ~10x the attention of the two apart); ``parts`` splits such a batch into its short and its long windows.
+
     Each index tensor is built on first use and kept: the engine makes one layout per step, and every layer of
     that step's forward (same batch, another pool) reuses them. ``max_q_len``, ``max_kv_len`` and ``num_tokens``
     are read from the tensors unless the caller knows them.
@@ -94,6 +106,43 @@ class GatherLayout:
         self.num_tokens = num_tokens if num_tokens is not None else int(query_start_loc[-1])
         self._masks: dict = {}
         self._buffers: list[torch.Tensor | None] = [None, None]
+
+    @functools.cached_property
+    def parts(self) -> list[tuple[GatherLayout, torch.Tensor]] | None:
+        """(layout of a subset of the sequences, the packed query rows of that subset) for the short windows and for
+        the long ones, when the batch has both and padding them together would cost ``SPLIT_GAIN`` times more than
+        attending to them apart; None otherwise (always for decode steps and verify windows)."""
+        if self.max_q_len <= SHORT_WINDOW or self.num_seqs == 1:
+            return None
+        starts = self.query_start_loc.tolist()
+        q_lens = [end - start for start, end in zip(starts, starts[1:])]
+        seq_lens = self.seq_lens.tolist()
+        short = [i for i, n in enumerate(q_lens) if n <= SHORT_WINDOW]
+        long = [i for i, n in enumerate(q_lens) if n > SHORT_WINDOW]
+        if not short:
+            return None
+
+        def cost(seqs: list[int]) -> int:  # query-key pairs SDPA computes for these sequences padded together
+            return len(seqs) * max(q_lens[i] for i in seqs) * max(seq_lens[i] for i in seqs)
+
+        if self.num_seqs * self.max_q_len * self.max_kv_len <= SPLIT_GAIN * (cost(short) + cost(long)):
+            return None
+        return [self._part(seqs, q_lens, seq_lens) for seqs in (short, long)]
+
+    def _part(self, seqs: list[int], q_lens: list[int], seq_lens: list[int]) -> tuple[GatherLayout, torch.Tensor]:
+        device = self.block_tables.device
+        index = torch.tensor(seqs, dtype=torch.int64, device=device)
+        part_q_lens = [q_lens[i] for i in seqs]
+        query_start_loc = torch.tensor([0, *itertools.accumulate(part_q_lens)], dtype=torch.int32, device=device)
+        layout = GatherLayout(self.block_tables.index_select(0, index), self.seq_lens.index_select(0, index),
+                              query_start_loc, self.block_size, max(part_q_lens), max(seq_lens[i] for i in seqs),
+                              num_tokens=sum(part_q_lens), region_blocks=self.region_blocks)
+        # The packed query rows of these sequences, in order: each one's window starts at query_start_loc[i].
+        q_lens_t = torch.tensor(part_q_lens, dtype=torch.int64, device=device)
+        starts = self.query_start_loc.long().index_select(0, index)
+        offsets = torch.repeat_interleave(starts - (q_lens_t.cumsum(0) - q_lens_t), q_lens_t,
+                                          output_size=layout.num_tokens)
+        return layout, torch.arange(layout.num_tokens, device=device) + offsets
 
     def gather(self, pool: torch.Tensor, buffer: int) -> torch.Tensor:
         """Each sequence's keys (or values) ``[num_rows, max_kv_len, kv_heads, dim]`` from a pool ``[num_slots,
@@ -244,11 +293,23 @@ class GatherLayout:
 
 def paged_attention_ref(query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, scale=None,
                         sliding_window=None, softcap=None, *, layout: GatherLayout | None = None) -> torch.Tensor:
-    """Torch reference (and the CPU path): gather, pad, SDPA, unpad. ``layout`` is this batch's ``GatherLayout``
-    when the caller keeps one across layers; built here otherwise."""
+    """Torch reference (and the CPU path): gather, pad, SDPA, unpad (the short and the long windows apart where
+    ``GatherLayout.parts`` splits the batch). ``layout`` is this batch's ``GatherLayout`` when the caller keeps one
+    across layers; built here otherwise."""
     if layout is None:  # checks the metadata
         layout = GatherLayout(block_tables, seq_lens, query_start_loc, block_size, num_tokens=query.shape[0])
     _check_inputs(query, k_pool, v_pool, layout.block_tables.device, block_size, sliding_window, softcap)
+    if layout.parts is None:
+        return _padded_attention(query, k_pool, v_pool, layout, scale, sliding_window, softcap)
+    out = torch.empty_like(query)
+    for part, rows in layout.parts:
+        out.index_copy_(0, rows, _padded_attention(query.index_select(0, rows), k_pool, v_pool, part, scale,
+                                                   sliding_window, softcap))
+    return out
+
+
+def _padded_attention(query, k_pool, v_pool, layout: GatherLayout, scale, sliding_window, softcap) -> torch.Tensor:
+    """Attention of the batch laid out by ``layout`` as one padded SDPA: gather, pad, attend, unpad."""
     num_rows, max_q = layout.num_rows, layout.max_q_len
     num_heads, head_dim = query.shape[1:]
     q = query if layout.q_pad_index is None else query.index_select(0, layout.q_pad_index)
