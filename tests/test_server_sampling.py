@@ -197,6 +197,16 @@ def test_n_samples_equal_offline_samples_with_the_same_seed(served, model_dir):
     assert chat["choices"][0]["message"] == chat["choices"][1]["message"]  # greedy: the same answer twice
 
 
+def test_cached_tokens_count_what_earlier_requests_left_not_sibling_samples(served):
+    # usage.prompt_tokens_details.cached_tokens: a new 40-token prompt with n = 3 found nothing cached (its samples
+    # share blocks with each other, which is not a hit of the prompt); sent again, its 2 full 16-token blocks are.
+    body = {"prompt": [(7 * i + 3) % 30 + 5 for i in range(40)], "n": 3, "temperature": 1.0, "seed": 1, "max_tokens": 2}
+    first = _post(served, "/v1/completions", body)["usage"]
+    second = _post(served, "/v1/completions", body)["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == 32
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "x", "n": 129}, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),

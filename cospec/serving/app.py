@@ -112,8 +112,9 @@ class _Response:
         prompt = len(self.job.prompt_token_ids)
         outputs = [c.output for c in self.choices if c.output is not None]
         completion = sum(len(o.output_token_ids) for o in outputs)
-        # The samples of n > 1 share the prompt: the most any of them found cached is what the prompt reused.
-        cached = max((o.stats.num_cached_prompt_tokens for o in outputs), default=0)
+        # The samples of n > 1 reuse each other's prompt blocks: the fewest any of them found cached is what the
+        # prompt found from earlier requests.
+        cached = min((o.stats.num_cached_prompt_tokens for o in outputs), default=0)
         return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached))
 
