@@ -392,3 +392,11 @@ def test_a_plain_decoding_step_without_room_falls_back_to_preemption(model):
     assert fallbacks and calls and any(out.stats.num_preemptions for out in done.values())
     for request_id, (prompt, params) in requests.items():
         assert done[request_id].output_token_ids == alone(model, prompt, params), request_id
+
+
+def test_the_engine_puts_a_model_in_training_mode_into_eval_mode():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    model.eval()
+    model.model.layers[0].train()  # one module left in training mode is enough to need eval()
+    LLMEngine(model, EngineConfig(num_kv_blocks=8, block_size=4))
+    assert not any(m.training for m in model.modules())

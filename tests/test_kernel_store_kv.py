@@ -47,3 +47,15 @@ def test_store_kv_rejects_bad_shapes():
         store_kv_mod.store_kv_ref(key, key, cache, cache, torch.tensor([0, 1], dtype=torch.int64))
     with pytest.raises(ValueError, match="caches"):
         store_kv_mod.store_kv_ref(key, key, torch.zeros(8, 3, 8), torch.zeros(8, 3, 8), torch.arange(3))
+
+
+@pytest.mark.parametrize("has_padding", [None, False])
+def test_store_kv_ref_told_there_is_no_padding_stores_the_same(has_padding):
+    gen = torch.Generator().manual_seed(3)
+    key, value = torch.randn(6, 2, 8, generator=gen), torch.randn(6, 2, 8, generator=gen)
+    slots = torch.randperm(12, generator=gen)[:6]
+    expected = [torch.zeros(12, 2, 8) for _ in range(2)]
+    expected[0][slots], expected[1][slots] = key, value
+    caches = [torch.zeros(12, 2, 8) for _ in range(2)]
+    store_kv_mod.store_kv_ref(key, value, *caches, slots, has_padding=has_padding)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])

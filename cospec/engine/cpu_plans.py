@@ -12,6 +12,7 @@ process that measured it, and the next process measures again. Delete the direct
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ def plans_dir() -> Path:
     return cache_dir() / "cpu_plans"
 
 
+@functools.cache  # (read once: a file read per engine would cost more than the rest of a plan lookup)
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

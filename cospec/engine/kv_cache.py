@@ -62,8 +62,9 @@ class PagedCache:
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         # key_states: [1, num_kv_heads, num_tokens, head_dim] (the packed batch is one row)
+        # (The runner's slot mappings hold no padding: every packed token is some sequence's.)
         kernels.store_kv(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1),
-                         self.pool.k[layer_idx], self.pool.v[layer_idx], self.slot_mapping)
+                         self.pool.k[layer_idx], self.pool.v[layer_idx], self.slot_mapping, has_padding=False)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only asked when position_ids are missing

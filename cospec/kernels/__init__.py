@@ -41,12 +41,14 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
+    has_padding: bool | None = None,
 ) -> None:
-    """Write each token's key and value into its cache slot (in place)."""
+    """Write each token's key and value into its cache slot (in place); a negative slot is a padding token, not
+    stored. ``has_padding=False`` when the caller knows there is none (the reference then skips looking)."""
     if use_triton(key):
         store_kv_kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping, has_padding)
 
 
 def paged_attention(

@@ -159,10 +159,10 @@ class GatherLayout:
         if self.single_run_start is not None:  # one sequence whose blocks lie in a row: a view, no copy
             return pool[self.single_run_start: self.single_run_start + self.max_kv_len].unsqueeze(0)
         if self.regions is not None:  # each sequence in a region of its own: a strided view, no copy
-            first = self.regions.first
-            region_slots = self.region_blocks * self.block_size
-            rows = pool[first * region_slots: (first + self.num_rows) * region_slots]
-            return rows.view(self.num_rows, region_slots, *pool.shape[1:])[:, : self.max_kv_len]
+            # (one as_strided: slicing and viewing the pool step by step costs 4 ops per layer and pool)
+            region_stride = self.region_blocks * self.block_size * pool.stride(0)
+            return pool.as_strided((self.num_rows, self.max_kv_len, *pool.shape[1:]), (region_stride, *pool.stride()),
+                                   pool.storage_offset() + self.regions.first * region_stride)
         num_blocks = self.block_gather_index.shape[1]
         shape = (self.num_seqs * num_blocks, self.block_size, *pool.shape[1:])
         out = self._buffers[buffer]
@@ -334,6 +334,10 @@ def _grouped_sdpa(q, k, v, mask, scale):
     num_seqs, max_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     groups = num_heads // num_kv_heads
+    if max_q == 1:  # a decoding step: the heads of a group are already the group's rows (a view, no permutes)
+        out = F.scaled_dot_product_attention(q.view(num_seqs, num_kv_heads, groups, head_dim), k, v, attn_mask=mask,
+                                             scale=scale)
+        return out.view(num_seqs, 1, num_heads, head_dim)
     # [num_seqs, kv_heads, groups * max_q, dim]: row g * max_q + i is query i of the group's head g
     folded = q.view(num_seqs, max_q, num_kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(num_seqs, num_kv_heads, groups * max_q, head_dim)
