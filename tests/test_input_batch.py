@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cospec.decoding.protocols import ForwardItem
-from cospec.engine.block_manager import BlockManager
+from cospec.engine.block_manager import BlockManager, RegionBlockManager
 from cospec.engine.input_batch import InputBatch
 
 CPU = torch.device("cpu")
@@ -65,10 +65,15 @@ def _check_step(bm: BlockManager, batch: InputBatch, items: list[ForwardItem]) -
         blocks = layout.block_gather_index[i].tolist()
         assert [blocks[j // bm.block_size] * bm.block_size + j % bm.block_size for j in range(len(slots))] == slots
         assert layout.q_positions[i, : len(expected["q_positions"][i])].tolist() == expected["q_positions"][i]
+    padded_rows = expected["padded_rows"]
+    if layout.regions is not None:  # read in place: sequence i's queries sit in the row of its region
+        max_q = meta.max_q_len
+        rows = [bm.region_of(it.seq_id) - layout.regions.first for it in items]
+        padded_rows = [rows[i] * max_q + j for i, it in enumerate(items) for j in range(len(it.token_ids))]
     if layout.q_unpad_index is None:
-        assert expected["padded_rows"] == list(range(len(expected["input_ids"])))
+        assert padded_rows == list(range(len(expected["input_ids"])))
     else:
-        assert layout.q_unpad_index.tolist() == expected["padded_rows"]
+        assert layout.q_unpad_index.tolist() == padded_rows
         assert layout.q_pad_index[layout.q_unpad_index].tolist() == list(range(len(expected["input_ids"])))
     # A fresh batch (no history) builds the same tensors; stale columns past a sequence's blocks may differ only
     # where nothing reads them.
@@ -81,10 +86,13 @@ def _check_step(bm: BlockManager, batch: InputBatch, items: list[ForwardItem]) -
 
 
 class InputBatchMachine(RuleBasedStateMachine):
-    @initialize(block_size=st.integers(1, 6), num_rows=st.integers(1, 3), max_blocks=st.integers(1, 3))
-    def setup(self, block_size: int, num_rows: int, max_blocks: int) -> None:
-        # Small initial capacity: rows and columns must grow as sequences join and lengthen.
-        self.bm = BlockManager(num_blocks=96, block_size=block_size)
+    @initialize(block_size=st.integers(1, 6), num_rows=st.integers(1, 3), max_blocks=st.integers(1, 3),
+                regions=st.booleans())
+    def setup(self, block_size: int, num_rows: int, max_blocks: int, regions: bool) -> None:
+        # Small initial capacity: rows and columns must grow as sequences join and lengthen. With regions a row
+        # mirrors the whole region from the sequence's join on (its blocks are known before it takes them).
+        self.bm = (RegionBlockManager(num_regions=8, region_blocks=12, block_size=block_size) if regions
+                   else BlockManager(num_blocks=96, block_size=block_size))
         self.batch = InputBatch(self.bm, CPU, num_rows=num_rows, max_blocks=max_blocks)
         self.computed: dict[int, int] = {}  # live seq_id -> tokens in its cache
         self.next_seq_id = 0
@@ -180,6 +188,22 @@ class InputBatchMachine(RuleBasedStateMachine):
 
 TestInputBatchMachine = InputBatchMachine.TestCase
 TestInputBatchMachine.settings = settings(max_examples=120, stateful_step_count=30, deadline=None)
+
+
+def test_a_sequence_growing_in_its_region_needs_no_write_after_its_join():
+    bm = RegionBlockManager(num_regions=2, region_blocks=6, block_size=4)
+    batch = InputBatch(bm, CPU)
+    writes = []
+    original = batch._write
+    batch._write = lambda queued: (writes.append(queued), original(queued))
+    for seq_id in (0, 1):
+        bm.grow(seq_id, 3)
+    for position in range(3, 22):  # across five block boundaries
+        for seq_id in (0, 1):
+            bm.grow(seq_id, position + 1)
+        _check_step(bm, batch, [ForwardItem(s, [7], position, 1) for s in (0, 1)])
+    assert len(writes) == 1  # the join of both, once
+    assert batch.block_tables[batch.row_of[1], :6].tolist() == list(range(6, 12))
 
 
 def test_rows_are_reclaimed_before_the_batch_grows():

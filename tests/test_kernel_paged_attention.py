@@ -171,6 +171,22 @@ def test_reference_layout_is_reused_across_calls():
     _assert_close(second, _dense_attention(query, values, keys, (3, 1), 1 / 8, 4), 1e-12, 1e-12, "layout")
 
 
+@pytest.mark.parametrize("seq_lens", [(9, 21, 14), (21, 21, 21)])
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_decode_layout_given_its_shortest_length_attends_as_one_that_reads_it(seq_lens, sliding_window):
+    # The engine tells the layout its shortest KV length (it has the lengths as a list); equal lengths with no
+    # window need no mask at all.
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _paged_batch((1, 1, 1), seq_lens, 4, 2, 16, block_size=4,
+                                                                          dtype=torch.float64)
+    told = GatherLayout(tables, lens, qsl, 4, min_kv_len=min(seq_lens))
+    read = GatherLayout(tables, lens, qsl, 4)
+    assert (told.mask(sliding_window) is None) == (read.mask(sliding_window) is None)
+    assert (told.mask(None) is None) == (len(set(seq_lens)) == 1)
+    out = pa_mod.paged_attention_ref(query, k_pool, v_pool, tables, lens, qsl, 4, None, sliding_window, layout=told)
+    _assert_close(out, _dense_attention(query, keys, values, (1, 1, 1), 1 / 4, sliding_window), 1e-12, 1e-12,
+                  "decode layout")
+
+
 @pytest.mark.parametrize("q_len,seq_len", [(1, 37), (5, 40), (16, 16), (1, 1)])
 @pytest.mark.parametrize("consecutive", [True, False])
 def test_reference_reads_a_lone_sequence_in_place_when_its_blocks_lie_in_a_row(q_len, seq_len, consecutive):

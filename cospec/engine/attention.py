@@ -36,12 +36,13 @@ class StepMetadata:
     max_q_len: int
     max_kv_len: int
     region_blocks: int | None = None  # each sequence's blocks form a region this long (RegionBlockManager); or None
+    min_kv_len: int | None = None  # the shortest seq_len, when the caller knows it (else read from seq_lens if needed)
     layout: GatherLayout = field(init=False)  # the reference path's gather indices, built on first use
 
     def __post_init__(self) -> None:
         self.layout = GatherLayout(self.block_tables, self.seq_lens, self.query_start_loc, self.block_size,
                                    self.max_q_len, self.max_kv_len, num_tokens=self.slot_mapping.shape[0],
-                                   region_blocks=self.region_blocks)
+                                   region_blocks=self.region_blocks, min_kv_len=self.min_kv_len)
 
     @property
     def num_seqs(self) -> int:

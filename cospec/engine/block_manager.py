@@ -202,6 +202,10 @@ class BlockManager:
             table.append(self._take_free(seq_id))
         self.lengths[seq_id] = max(self.lengths[seq_id], new_length)
 
+    def known_blocks(self, seq_id: int) -> list[int]:
+        """The sequence's block ids as far as they are known now (its table; a copy)."""
+        return list(self.block_tables[seq_id])
+
     def truncate(self, seq_id: int, new_length: int) -> None:
         """Drop the cached tokens past ``new_length`` (O(1) in tokens); frees blocks that became empty."""
         length = self.lengths[seq_id]
@@ -304,6 +308,13 @@ class RegionBlockManager(BlockManager):
 
     def region_of(self, seq_id: int) -> int | None:
         return self._region_of.get(seq_id)
+
+    def known_blocks(self, seq_id: int) -> list[int]:
+        """The whole region: the blocks the sequence will take as it grows are known from its first one."""
+        if seq_id not in self.block_tables:
+            raise KeyError(seq_id)
+        first = self._region_of[seq_id] * self.region_blocks
+        return list(range(first, first + self.region_blocks))
 
     def can_grow(self, seq_id: int, new_length: int, reserve: int = 0) -> bool:
         return (self._has_room(seq_id, self.num_new_blocks_needed(seq_id, new_length))

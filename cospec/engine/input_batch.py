@@ -5,12 +5,13 @@ Terms:
 - row: where a sequence's block table lives in the persistent ``block_tables`` tensor. A sequence gets a row
   when it first runs and keeps it while the block manager holds its cache; rows of sequences that left
   (finished, aborted, preempted) are reclaimed when a new sequence needs one.
-- synced blocks: the block ids written into a row, a copy of the block manager's table up to what the last step
-  needed. A step writes only what differs: the new block of a growing sequence, the tail after a rollback, the
-  whole row of a sequence that (re)joined. The block manager stays the owner of the tables; this is a mirror that
-  turns "block tables as a tensor" into one row gather. A table changes other than by appending blocks only with
-  a new stamp (``BlockManager.table_stamps``), so a row whose stamp is unchanged and whose copy is long enough
-  needs no comparison at all.
+- synced blocks: the block ids written into a row, a copy of the sequence's blocks as far as the block manager
+  knows them (``BlockManager.known_blocks``: its table; with regions, the whole region, so a growing sequence in
+  a region never needs another write). A step writes only what differs: the new blocks of a growing sequence, the
+  tail after a rollback, the whole row of a sequence that (re)joined. The block manager stays the owner of the
+  tables; this is a mirror that turns "block tables as a tensor" into one row gather. A table changes other than
+  by appending blocks only with a new stamp (``BlockManager.table_stamps``), so a row whose stamp is unchanged and
+  whose copy is long enough needs no comparison at all.
 
 The only Python loop over sequences is that check (list operations, no tensors); everything else is a few tensor
 operations per step, whatever the batch size. A plain decoding step (one token and one logit per sequence)
@@ -53,8 +54,9 @@ class InputBatch:
     # ---- membership and block tables -----------------------------------------------------------------------
     def sync(self, seq_ids: list[int], seq_lens: list[int]) -> list[int]:
         """Bring the rows of this step's sequences up to date with the block manager; returns their rows."""
-        tables, row_of, synced, block_size = self.block_manager.block_tables, self.row_of, self.synced, self.block_size
+        row_of, synced, block_size = self.row_of, self.synced, self.block_size
         stamps, synced_stamps = self.block_manager.table_stamps, self.synced_stamps
+        known_blocks = self.block_manager.known_blocks
         rows, writes = [], []
         for seq_id, seq_len in zip(seq_ids, seq_lens):  # the hot loop: list operations only
             row = row_of.get(seq_id)
@@ -62,7 +64,7 @@ class InputBatch:
                 row = self._join(seq_id)
             num_blocks = -(-seq_len // block_size)
             if len(synced[row]) < num_blocks or synced_stamps[row] != stamps.get(seq_id):
-                self._resync(seq_id, row, tables[seq_id][:num_blocks], num_blocks, writes)
+                self._resync(seq_id, row, known_blocks(seq_id), num_blocks, writes)
             rows.append(row)
         if writes:
             self._write(writes)
@@ -75,7 +77,7 @@ class InputBatch:
                              f"step but holds {len(wanted)}: grow it in the block manager first")
         synced = self.synced[row]
         first = len(synced) if wanted[: len(synced)] == synced else _common_prefix(wanted, synced)
-        if first < num_blocks:
+        if first < len(wanted):
             writes.append((row, first, wanted[first:]))
         self.synced[row] = wanted
         self.synced_stamps[row] = self.block_manager.table_stamps.get(seq_id)
@@ -146,13 +148,13 @@ class InputBatch:
         logit_rows = torch.arange(num_rows) + per_seq[3].index_select(0, logit_seq)  # [num_rows]
         input_ids = _int64_tensor([t for item in items for t in item.token_ids])
 
-        device = self.device
+        to_device = self._to_device
         meta = StepMetadata(
-            slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
-            seq_lens=kernel_meta[num_seqs + 1:].to(device), query_start_loc=kernel_meta[: num_seqs + 1].to(device),
-            block_size=block_size, max_q_len=max(q_lens), max_kv_len=max_kv_len,
+            slot_mapping=to_device(slot_mapping), block_tables=to_device(block_tables),
+            seq_lens=to_device(kernel_meta[num_seqs + 1:]), query_start_loc=to_device(kernel_meta[: num_seqs + 1]),
+            block_size=block_size, max_q_len=max(q_lens), max_kv_len=max_kv_len, min_kv_len=min(seq_lens),
             region_blocks=self.block_manager.region_blocks)
-        return StepInputs(input_ids.to(device), positions.to(device), logit_rows.to(device)), meta
+        return StepInputs(to_device(input_ids), to_device(positions), to_device(logit_rows)), meta
 
     def prepare_decode(self, seq_ids: list[int], token_ids: list[int],
                        positions: list[int]) -> tuple[StepInputs, StepMetadata]:
@@ -176,7 +178,8 @@ class InputBatch:
         meta = StepMetadata(
             slot_mapping=to_device(slot_mapping), block_tables=to_device(block_tables),
             seq_lens=to_device(_int32_tensor(seq_lens)), query_start_loc=to_device(query_start_loc),
-            block_size=block_size, max_q_len=1, max_kv_len=max_kv_len, region_blocks=self.block_manager.region_blocks)
+            block_size=block_size, max_q_len=1, max_kv_len=max_kv_len, min_kv_len=min(seq_lens),
+            region_blocks=self.block_manager.region_blocks)
         inputs = StepInputs(to_device(input_ids), to_device(positions_t), to_device(counts[:num_seqs]))
         return inputs, meta
 

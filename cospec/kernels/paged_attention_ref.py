@@ -93,7 +93,8 @@ class GatherLayout:
 
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                  block_size: int, max_q_len: int | None = None, max_kv_len: int | None = None,
-                 num_tokens: int | None = None, region_blocks: int | None = None) -> None:
+                 num_tokens: int | None = None, region_blocks: int | None = None,
+                 min_kv_len: int | None = None) -> None:
         _check_metadata(block_tables, seq_lens, query_start_loc, block_size)
         self.region_blocks = region_blocks
         self.block_tables = block_tables  # [num_seqs, max_blocks] int32
@@ -104,6 +105,7 @@ class GatherLayout:
         self.max_q_len = max_q_len if max_q_len is not None else int((query_start_loc[1:] - query_start_loc[:-1]).max())
         self.max_kv_len = max_kv_len if max_kv_len is not None else int(seq_lens.max())
         self.num_tokens = num_tokens if num_tokens is not None else int(query_start_loc[-1])
+        self._min_kv_len = min_kv_len
         self._masks: dict = {}
         self._buffers: list[torch.Tensor | None] = [None, None]
 
@@ -136,7 +138,8 @@ class GatherLayout:
         query_start_loc = torch.tensor([0, *itertools.accumulate(part_q_lens)], dtype=torch.int32, device=device)
         layout = GatherLayout(self.block_tables.index_select(0, index), self.seq_lens.index_select(0, index),
                               query_start_loc, self.block_size, max(part_q_lens), max(seq_lens[i] for i in seqs),
-                              num_tokens=sum(part_q_lens), region_blocks=self.region_blocks)
+                              num_tokens=sum(part_q_lens), region_blocks=self.region_blocks,
+                              min_kv_len=min(seq_lens[i] for i in seqs))
         # The packed query rows of these sequences, in order: each one's window starts at query_start_loc[i].
         q_lens_t = torch.tensor(part_q_lens, dtype=torch.int64, device=device)
         starts = self.query_start_loc.long().index_select(0, index)
@@ -267,23 +270,27 @@ class GatherLayout:
         positions = (self.seq_lens.long() - q_lens)[:, None] + offsets
         return torch.where(offsets < q_lens[:, None], positions, 0)
 
+    @property
+    def min_kv_len(self) -> int:
+        if self._min_kv_len is None:
+            self._min_kv_len = int(self.seq_lens.min())
+        return self._min_kv_len
+
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """Bool mask [num_rows, 1, max_q_len, max_kv_len] (True = attend), or None when every key is visible."""
         if sliding_window is not None and sliding_window >= self.max_kv_len:
             sliding_window = None  # the window covers everything: plain causal
         if sliding_window not in self._masks:
-            is_full = (self.max_q_len == 1 and sliding_window is None
-                       and (self.num_seqs == 1 or bool((self.seq_lens == self.max_kv_len).all())))
+            is_full = self.max_q_len == 1 and sliding_window is None and self.min_kv_len == self.max_kv_len
             if is_full:
                 self._masks[sliding_window] = None
             else:
                 kv_pos = torch.arange(self.max_kv_len, device=self.seq_lens.device)
                 # A decode step's one query per sequence sits at its last position (no padding rows).
-                q_pos = ((self.seq_lens.long() - 1)[:, None, None] if self.max_q_len == 1
-                         else self.q_positions[:, :, None])
-                visible = kv_pos[None, None, :] <= q_pos
+                q_pos = (self.seq_lens - 1).view(-1, 1, 1) if self.max_q_len == 1 else self.q_positions[:, :, None]
+                visible = kv_pos <= q_pos  # [num_seqs, max_q_len, max_kv_len]
                 if sliding_window is not None:
-                    visible &= kv_pos[None, None, :] > q_pos - sliding_window
+                    visible &= kv_pos > q_pos - sliding_window
                 if self.seq_rows is not None:  # padding rows see every key (finite; their outputs are dropped)
                     rows = visible.new_ones(self.num_rows, *visible.shape[1:])
                     visible = rows.index_copy_(0, self.seq_rows, visible)
