@@ -172,7 +172,11 @@ class InputBatch:
         # One conversion per dtype (each costs ~1.3 us whatever its length); the rows are views.
         slot_mapping, input_ids, positions_t, rows_t = _int64_tensor([*slots, *token_ids, *positions, *rows]).view(
             4, num_seqs)
-        block_tables = self.block_tables[:, : -(-max_kv_len // block_size)].index_select(0, rows_t)
+        num_blocks = -(-max_kv_len // block_size)
+        if rows == list(range(rows[0], rows[0] + num_seqs)):  # (as when a batch joined together decodes): a view
+            block_tables = self.block_tables[rows[0]: rows[0] + num_seqs, :num_blocks]
+        else:
+            block_tables = self.block_tables[:, :num_blocks].index_select(0, rows_t)
         counts, query_start_loc = self._counts(num_seqs)
         to_device = self._to_device
         meta = StepMetadata(
