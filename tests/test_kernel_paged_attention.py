@@ -373,3 +373,37 @@ def test_engine_attention_hook_equals_dense_attention(sliding_window, softcap):
     assert torch.equal(out, reference)
     tol = 1e-12 if softcap is None else 1e-6
     _assert_close(out, _dense_attention(query, keys, values, q_lens, 0.2, sliding_window, softcap), tol, tol, "hook")
+
+
+def test_engine_attention_hook_checks_the_first_layer_of_each_variant_in_a_step():
+    """Layers after the first skip the input checks (same shapes every layer), but a variant (sliding window,
+    soft-capping) a step has not seen yet is checked, and so is a new step's first layer."""
+    from types import SimpleNamespace
+
+    from cospec.decoding.protocols import ForwardItem
+    from cospec.engine import attention
+    from cospec.engine.block_manager import BlockManager
+    from cospec.engine.input_batch import InputBatch
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.grow(0, 6)
+
+    def step_meta():
+        return InputBatch(bm, torch.device("cpu")).prepare([ForwardItem(0, [0], 5, 1)])[1]
+
+    pool = SimpleNamespace(k=[torch.randn(32, 2, 8)] * 2, v=[torch.randn(32, 2, 8)] * 2)
+    query = torch.randn(1, 4, 1, 8)  # [1, heads, num_tokens, dim]
+
+    def attend(meta, layer, **variant):
+        with attention.step_context(meta, pool):
+            return attention.paged_attention(SimpleNamespace(layer_idx=layer), query, None, None, None, **variant)
+
+    meta = step_meta()
+    attend(meta, 0)
+    assert meta.checked_variants == {(None, None)}
+    attend(meta, 1)  # checked before: skipped
+    with pytest.raises(ValueError, match="sliding_window"):
+        attend(meta, 1, sliding_window=-1)  # a variant not seen in this step
+    query = torch.randn(1, 4, 1, 6)  # another head_dim than the pool's
+    with pytest.raises(ValueError, match="head_dim"):
+        attend(step_meta(), 0)  # a new step's first layer

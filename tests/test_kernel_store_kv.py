@@ -59,3 +59,20 @@ def test_store_kv_ref_told_there_is_no_padding_stores_the_same(has_padding):
     caches = [torch.zeros(12, 2, 8) for _ in range(2)]
     store_kv_mod.store_kv_ref(key, value, *caches, slots, has_padding=has_padding)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_paged_cache_checks_the_first_layer_of_each_step():
+    from types import SimpleNamespace
+
+    from cospec.engine.kv_cache import PagedCache
+
+    pool = SimpleNamespace(k=[torch.zeros(8, 2, 4) for _ in range(2)], v=[torch.zeros(8, 2, 4) for _ in range(2)])
+    cache = PagedCache(pool)
+    states = torch.randn(1, 2, 3, 4)  # [1, kv_heads, num_tokens, head_dim]
+    cache.start_step(torch.tensor([5, 0, 2]))
+    cache.update(states, states, 0)
+    cache.update(states, states, 1)  # checked in layer 0: skipped
+    assert torch.equal(pool.k[1][[5, 0, 2]], states[0].transpose(0, 1))
+    cache.start_step(torch.tensor([5, 0]))  # a new step: its first layer is checked again
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cache.update(states, states, 0)

@@ -311,10 +311,11 @@ class RegionBlockManager(BlockManager):
 
     def known_blocks(self, seq_id: int) -> list[int]:
         """The whole region: the blocks the sequence will take as it grows are known from its first one."""
-        if seq_id not in self.block_tables:
-            raise KeyError(seq_id)
-        first = self._region_of[seq_id] * self.region_blocks
-        return list(range(first, first + self.region_blocks))
+        table = self.block_tables[seq_id]
+        region = self._region_of.get(seq_id)
+        if region is None:  # no block yet, so no region
+            return list(table)
+        return list(range(region * self.region_blocks, (region + 1) * self.region_blocks))
 
     def can_grow(self, seq_id: int, new_length: int, reserve: int = 0) -> bool:
         return (self._has_room(seq_id, self.num_new_blocks_needed(seq_id, new_length))

@@ -169,6 +169,7 @@ def check_layers(linears: list[nn.Linear]) -> list[nn.Linear]:
     return layers or linears[:1]
 
 
+_UNCHANGED = contextlib.nullcontext()  # (reusable: it holds nothing)
 _choices: dict[str, ThreadChoice] = {}  # this process's choices, by the plan key
 
 
@@ -204,10 +205,9 @@ class CpuLinears:
         tensor."""
         return self.choice.setting.plan.rows_for(rows)
 
-    @contextlib.contextmanager
     def forward(self, rows: int, head_rows: int | None = None):
-        """Inside the block: the fast linears and thread count for a forward of ``rows`` rows (``head_rows`` of
-        them through the LM head; all by default)."""
+        """A context manager: inside it, the fast linears and thread count for a forward of ``rows`` rows
+        (``head_rows`` of them through the LM head; all by default)."""
         setting = self.choice.setting_for(rows, self.linears, self._check_layers)
         plan = setting.plan
         # Where the plan says F.linear for every layer of this forward, the layers run as they are (routing them
@@ -215,10 +215,13 @@ class CpuLinears:
         plain = plan.path_for(rows) == "linear" and plan.path_for(rows if head_rows is None else head_rows) == "linear"
         if plain and len(self.choice.settings) == 1 and setting.threads == torch.get_num_threads():
             # Nothing to switch, and no other setting a slow forward could call a check for (one thread and no
-            # row plan that pays off): untimed. The two context managers and the timing cost ~25 us per forward.
-            yield
-            return
-        linears = contextlib.nullcontext() if plain else fast_cpu_linears(self.linears, plan)
+            # row plan that pays off): untimed. The context managers and the timing cost ~25 us per forward.
+            return _UNCHANGED
+        return self._forward(setting, plain, rows)
+
+    @contextlib.contextmanager
+    def _forward(self, setting: Setting, plain: bool, rows: int):
+        linears = contextlib.nullcontext() if plain else fast_cpu_linears(self.linears, setting.plan)
         with torch_threads(setting.threads), linears:
             start = time.perf_counter()
             yield

@@ -18,7 +18,7 @@ class HeadRunner(ModelRunner):
         """(draft-vocabulary logits, output states) ``[sum(num_logits), ...]`` for ``states`` ``[num_tokens, H]``."""
         with torch.inference_mode():
             inputs, meta = self.input_batch.prepare(items)
-            self.cache.slot_mapping = meta.slot_mapping
+            self.cache.start_step(meta.slot_mapping)
             with (self._cospec_mode(len(inputs.input_ids), len(inputs.logit_rows)),
                   attention.step_context(meta, self.pool)):
                 out = self.model(inputs.input_ids[None], inputs.positions[None], states[None].to(self.pool.k[0].dtype),

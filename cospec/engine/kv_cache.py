@@ -58,13 +58,21 @@ class PagedCache:
 
     def __init__(self, pool: KVCachePool) -> None:
         self.pool = pool
-        self.slot_mapping: torch.Tensor | None = None  # [num_tokens] int64, set per step
+        self.slot_mapping: torch.Tensor | None = None  # [num_tokens] int64, set per step (``start_step``)
+        self._checked = False  # whether a layer of this step had its inputs to store_kv checked
+
+    def start_step(self, slot_mapping: torch.Tensor) -> None:
+        self.slot_mapping = slot_mapping
+        self._checked = False
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        # key_states: [1, num_kv_heads, num_tokens, head_dim] (the packed batch is one row)
-        # (The runner's slot mappings hold no padding: every packed token is some sequence's.)
+        # key_states: [1, num_kv_heads, num_tokens, head_dim] (the packed batch is one row). The runner's slot
+        # mappings hold no padding (every packed token is some sequence's), and every layer's states and pool
+        # have the shapes of the first layer's: checked once a step.
         kernels.store_kv(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1),
-                         self.pool.k[layer_idx], self.pool.v[layer_idx], self.slot_mapping, has_padding=False)
+                         self.pool.k[layer_idx], self.pool.v[layer_idx], self.slot_mapping, has_padding=False,
+                         checked=self._checked)
+        self._checked = True
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only asked when position_ids are missing

@@ -75,7 +75,7 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, meta: attention.StepMetadata,
                  embeds: torch.Tensor | None = None) -> torch.Tensor:
-        self.cache.slot_mapping = meta.slot_mapping
+        self.cache.start_step(meta.slot_mapping)
         kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = inputs.logit_rows

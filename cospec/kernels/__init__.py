@@ -42,13 +42,16 @@ def store_kv(
     v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
     has_padding: bool | None = None,
+    checked: bool = False,
 ) -> None:
     """Write each token's key and value into its cache slot (in place); a negative slot is a padding token, not
-    stored. ``has_padding=False`` when the caller knows there is none (the reference then skips looking)."""
+    stored. ``has_padding=False`` when the caller knows there is none (the reference then skips looking);
+    ``checked=True`` when the caller passed tensors of the same shapes, dtypes and devices before (another layer of
+    the step: the reference skips its checks)."""
     if use_triton(key):
         store_kv_kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping, has_padding)
+        store_kv_kernel.store_kv_ref(key, value, k_cache, v_cache, slot_mapping, has_padding, checked)
 
 
 def paged_attention(
@@ -64,14 +67,17 @@ def paged_attention(
     softcap: float | None = None,
     max_kv_len: int | None = None,
     layout: GatherLayout | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new queries over its cached keys, read through its block table (sliding
     window and soft-capping optional, GQA). The Triton kernel reads the pages in place (float16/bfloat16/float32);
-    the reference gathers them, reusing ``layout`` (this batch's gather indices) when the caller keeps one."""
+    the reference gathers them, reusing ``layout`` (this batch's gather indices) when the caller keeps one.
+    ``checked=True``: the caller passed inputs of the same shapes, dtypes, devices and variant with this layout
+    before (another layer of the step: the reference skips its checks)."""
     args = (query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, scale, sliding_window, softcap)
     if use_triton(query) and query.dtype in paged_attention_kernel.KERNEL_DTYPES:
         return paged_attention_kernel.paged_attention(*args, max_kv_len=max_kv_len)
-    return paged_attention_kernel.paged_attention_ref(*args, layout=layout)
+    return paged_attention_kernel.paged_attention_ref(*args, layout=layout, checked=checked)
 
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # ([num_rows], [num_rows] int64)

@@ -299,13 +299,16 @@ class GatherLayout:
 
 
 def paged_attention_ref(query, k_pool, v_pool, block_tables, seq_lens, query_start_loc, block_size, scale=None,
-                        sliding_window=None, softcap=None, *, layout: GatherLayout | None = None) -> torch.Tensor:
+                        sliding_window=None, softcap=None, *, layout: GatherLayout | None = None,
+                        checked: bool = False) -> torch.Tensor:
     """Torch reference (and the CPU path): gather, pad, SDPA, unpad (the short and the long windows apart where
     ``GatherLayout.parts`` splits the batch). ``layout`` is this batch's ``GatherLayout`` when the caller keeps one
-    across layers; built here otherwise."""
+    across layers; built here otherwise. ``checked``: inputs like these were checked with this layout before."""
     if layout is None:  # checks the metadata
-        layout = GatherLayout(block_tables, seq_lens, query_start_loc, block_size, num_tokens=query.shape[0])
-    _check_inputs(query, k_pool, v_pool, layout.block_tables.device, block_size, sliding_window, softcap)
+        layout, checked = GatherLayout(block_tables, seq_lens, query_start_loc, block_size,
+                                       num_tokens=query.shape[0]), False
+    if not checked:
+        _check_inputs(query, k_pool, v_pool, layout.block_tables.device, block_size, sliding_window, softcap)
     if layout.parts is None:
         return _padded_attention(query, k_pool, v_pool, layout, scale, sliding_window, softcap)
     out = torch.empty_like(query)

@@ -80,10 +80,13 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
-def store_kv_ref(key, value, k_cache, v_cache, slot_mapping, has_padding: bool | None = None) -> None:
+def store_kv_ref(key, value, k_cache, v_cache, slot_mapping, has_padding: bool | None = None,
+                 checked: bool = False) -> None:
     """Torch reference (and the CPU path). ``has_padding=False``: the caller knows that no slot is negative, which
-    spares a reduction and a sync per call (as much time as the copy itself at a decoding step)."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    spares a reduction and a sync per call (as much time as the copy itself at a decoding step). ``checked``: the
+    caller checked tensors of these shapes, dtypes and devices before (another layer of the same step)."""
+    if not checked:
+        _check(key, value, k_cache, v_cache, slot_mapping)
     if has_padding is None:
         has_padding = bool((slot_mapping < 0).any())
     if has_padding:
