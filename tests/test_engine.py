@@ -11,6 +11,7 @@ import torch
 from _tiny_models import one_thread, random_prompt, tiny_model  # noqa: F401 (fixture)
 
 from cospec import EngineConfig, LLMEngine, SamplingParams, SpeculativeConfig
+from cospec.engine.model_runner import _reads_unwritten_slots
 
 VOCAB = 128
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +142,23 @@ def test_kv_regions_give_the_same_outputs(model, family, speculate):
     in_regions = run_all(engine, requests)
     for request_id in requests:
         assert in_regions[request_id].output_token_ids == shared[request_id].output_token_ids, request_id
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_a_lone_region_is_left_unzeroed_and_never_read_past_what_was_written(model, speculate):
+    """One region (``generate()`` at batch 1) is not zeroed: its sequence is read only as far as it was written.
+    Filled with NaN first, it gives the tokens of a shared pool; with several regions the pool starts at zeros."""
+    prompt = (random_prompt(9, VOCAB, seed=41) * 3)[:25]  # repeats itself: prompt lookup drafts
+    params = _params("greedy", 0, 20)
+    spec = SpeculativeConfig(method="prompt_lookup", num_draft_tokens=4, adaptive=False) if speculate else None
+    expected = run_all(LLMEngine(model, EngineConfig(num_kv_blocks=16, block_size=4), speculative=spec),
+                       {"r": (prompt, params)})["r"].output_token_ids
+    engine = LLMEngine(model, EngineConfig(kv_region_tokens=48, block_size=4, max_num_seqs=1), speculative=spec)
+    engine.runner.pool._k.fill_(float("nan"))
+    engine.runner.pool._v.fill_(float("nan"))
+    assert run_all(engine, {"r": (prompt, params)})["r"].output_token_ids == expected
+    several = LLMEngine(model, EngineConfig(kv_region_tokens=48, block_size=4, max_num_seqs=2))
+    assert _reads_unwritten_slots(several.block_manager) and not _reads_unwritten_slots(engine.block_manager)
 
 
 def test_kv_regions_refuse_a_request_longer_than_a_region_and_conflicting_sizes(model):

@@ -171,6 +171,25 @@ def test_reference_layout_is_reused_across_calls():
     _assert_close(second, _dense_attention(query, values, keys, (3, 1), 1 / 8, 4), 1e-12, 1e-12, "layout")
 
 
+@pytest.mark.parametrize("q_lens,seq_lens,causal", [
+    ((19,), (19,), True),  # a lone prefill from scratch
+    ((12, 12, 12), (12, 12, 12), True),  # equal prefills from scratch
+    ((12, 12), (12, 14), False),  # a prefill beside a longer one: the mask has rows of its own
+    ((5,), (19,), False),  # a chunk after a cached prefix: causal from the last keys, not the first
+])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 64), (6, 2, 80)])
+@pytest.mark.parametrize("sliding_window", [None, 30, 7])
+def test_whole_windows_take_sdpa_causal_path_and_equal_dense_attention(q_lens, seq_lens, causal, num_heads,
+                                                                      num_kv_heads, head_dim, sliding_window):
+    query, k_pool, v_pool, tables, lens, qsl, keys, values = _paged_batch(
+        q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size=4, dtype=torch.float64)
+    layout = GatherLayout(tables, lens, qsl, 4)
+    assert layout.windows_are_whole == causal
+    out = pa_mod.paged_attention_ref(query, k_pool, v_pool, tables, lens, qsl, 4, None, sliding_window, layout=layout)
+    expected = _dense_attention(query, keys, values, q_lens, 1 / math.sqrt(head_dim), sliding_window)
+    _assert_close(out, expected, 1e-12, 1e-12, "whole windows")
+
+
 @pytest.mark.parametrize("seq_lens", [(9, 21, 14), (21, 21, 21)])
 @pytest.mark.parametrize("sliding_window", [None, 6])
 def test_decode_layout_given_its_shortest_length_attends_as_one_that_reads_it(seq_lens, sliding_window):

@@ -270,6 +270,13 @@ class GatherLayout:
         positions = (self.seq_lens.long() - q_lens)[:, None] + offsets
         return torch.where(offsets < q_lens[:, None], positions, 0)
 
+    @functools.cached_property
+    def windows_are_whole(self) -> bool:
+        """Whether every sequence's window is all of its keys and every sequence is equally long (prefills from
+        scratch of one prompt, or of prompts of one length): then the mask is plain causal."""
+        return (1 < self.max_q_len == self.max_kv_len == self.min_kv_len and self.seq_rows is None
+                and self.num_tokens == self.num_seqs * self.max_q_len)
+
     @property
     def min_kv_len(self) -> int:
         if self._min_kv_len is None:
@@ -326,11 +333,16 @@ def _padded_attention(query, k_pool, v_pool, layout: GatherLayout, scale, slidin
     q = q.reshape(num_rows, max_q, num_heads, head_dim)
     k = layout.gather(k_pool, 0).transpose(1, 2)  # [num_rows, kv_heads, max_kv, dim]
     v = layout.gather(v_pool, 1).transpose(1, 2)
-    mask = layout.mask(sliding_window)
-    if softcap is None:
-        out = _grouped_sdpa(q, k, v, mask, scale)
+    if softcap is None and layout.windows_are_whole and (sliding_window is None or sliding_window >= max_q):
+        # Plain causal attention (prefills from scratch): SDPA applies it itself, skipping the masked blocks,
+        # instead of reading a mask (as HF's SDPA path does; ~10 % of a 400-token prefill of SmolLM2 here).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=scale,
+                                             enable_gqa=k.shape[1] != num_heads).transpose(1, 2)
+    elif softcap is None:
+        out = _grouped_sdpa(q, k, v, layout.mask(sliding_window), scale)
     else:
-        out = _softcapped_attention(q.transpose(1, 2), k, v, mask, scale, softcap).transpose(1, 2)
+        out = _softcapped_attention(q.transpose(1, 2), k, v, layout.mask(sliding_window), scale,
+                                    softcap).transpose(1, 2)
     out = out.reshape(num_rows * max_q, num_heads, head_dim)  # [num_rows * max_q, heads, dim]
     return out if layout.q_unpad_index is None else out.index_select(0, layout.q_unpad_index)
 
