@@ -83,6 +83,28 @@ def test_greedy_speculation_with_a_head_equals_plain_greedy(target_and_head, k):
     assert stopped and all(o.output_token_ids[-1] == EOS for o in stopped)
 
 
+def test_a_head_in_a_lone_unzeroed_region_reads_only_what_it_wrote(target_and_head):
+    """With one KV region (``generate()`` at batch 1) neither the target's pool nor the head's is zeroed: filled
+    with NaN first, the engine gives the tokens, drafts and acceptances of one shared pool, so no step of the target
+    or the head reads a slot it did not write."""
+    target, head = target_and_head
+    spec_config = SpeculativeConfig("eagle3", num_draft_tokens=4, draft_head=head, adaptive=False)
+    accepted = 0
+    for prompt in _prompts()[:4]:
+        params = [SamplingParams(max_tokens=20, temperature=0)]
+        shared = _run(LLMEngine(target, EngineConfig(block_size=4), speculative=spec_config), [prompt], params)[0]
+        engine = LLMEngine(target, EngineConfig(block_size=4, kv_region_tokens=64, max_num_seqs=1),
+                           speculative=spec_config)
+        for pool in (engine.runner.pool, engine.proposer.runner.pool):
+            pool._k.fill_(float("nan"))
+            pool._v.fill_(float("nan"))
+        lone = _run(engine, [prompt], params)[0]
+        assert lone.output_token_ids == shared.output_token_ids
+        assert lone.stats.acceptance_histogram == shared.stats.acceptance_histogram
+        accepted += lone.stats.num_accepted_tokens
+    assert accepted > 0
+
+
 def test_drop_in_generate_with_a_head(target_and_head):
     target, head = target_and_head
     ids = torch.zeros(3, 12, dtype=torch.long)

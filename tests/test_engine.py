@@ -144,19 +144,25 @@ def test_kv_regions_give_the_same_outputs(model, family, speculate):
         assert in_regions[request_id].output_token_ids == shared[request_id].output_token_ids, request_id
 
 
-@pytest.mark.parametrize("speculate", [False, True])
-def test_a_lone_region_is_left_unzeroed_and_never_read_past_what_was_written(model, speculate):
+@pytest.mark.parametrize("method", [None, "prompt_lookup", "self_spec"])
+def test_a_lone_region_is_left_unzeroed_and_never_read_past_what_was_written(model, method):
     """One region (``generate()`` at batch 1) is not zeroed: its sequence is read only as far as it was written.
-    Filled with NaN first, it gives the tokens of a shared pool; with several regions the pool starts at zeros."""
+    Filled with NaN first (the draft's own pool too), it gives the tokens and acceptances of a shared pool; with
+    several regions the pool starts at zeros."""
     prompt = (random_prompt(9, VOCAB, seed=41) * 3)[:25]  # repeats itself: prompt lookup drafts
     params = _params("greedy", 0, 20)
-    spec = SpeculativeConfig(method="prompt_lookup", num_draft_tokens=4, adaptive=False) if speculate else None
-    expected = run_all(LLMEngine(model, EngineConfig(num_kv_blocks=16, block_size=4), speculative=spec),
-                       {"r": (prompt, params)})["r"].output_token_ids
+    spec = None if method is None else SpeculativeConfig(method=method, num_draft_tokens=4, adaptive=False,
+                                                         self_spec_layers=1)
+    shared = run_all(LLMEngine(model, EngineConfig(num_kv_blocks=16, block_size=4), speculative=spec),
+                     {"r": (prompt, params)})["r"]
     engine = LLMEngine(model, EngineConfig(kv_region_tokens=48, block_size=4, max_num_seqs=1), speculative=spec)
-    engine.runner.pool._k.fill_(float("nan"))
-    engine.runner.pool._v.fill_(float("nan"))
-    assert run_all(engine, {"r": (prompt, params)})["r"].output_token_ids == expected
+    runners = [engine.runner] + ([engine.proposer.runner] if method == "self_spec" else [])
+    for runner in runners:
+        runner.pool._k.fill_(float("nan"))
+        runner.pool._v.fill_(float("nan"))
+    lone = run_all(engine, {"r": (prompt, params)})["r"]
+    assert lone.output_token_ids == shared.output_token_ids
+    assert lone.stats.acceptance_histogram == shared.stats.acceptance_histogram
     several = LLMEngine(model, EngineConfig(kv_region_tokens=48, block_size=4, max_num_seqs=2))
     assert _reads_unwritten_slots(several.block_manager) and not _reads_unwritten_slots(engine.block_manager)
 
