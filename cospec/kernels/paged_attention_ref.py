@@ -335,7 +335,8 @@ def _padded_attention(query, k_pool, v_pool, layout: GatherLayout, scale, slidin
     v = layout.gather(v_pool, 1).transpose(1, 2)
     if softcap is None and layout.windows_are_whole and (sliding_window is None or sliding_window >= max_q):
         # Plain causal attention (prefills from scratch): SDPA applies it itself, skipping the masked blocks,
-        # instead of reading a mask (as HF's SDPA path does; ~10 % of a 400-token prefill of SmolLM2 here).
+        # instead of reading a mask, as HF's SDPA path does (a SmolLM2 layer at 400 tokens, one thread: 5.5 ->
+        # 4.2 ms).
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=scale,
                                              enable_gqa=k.shape[1] != num_heads).transpose(1, 2)
     elif softcap is None:
