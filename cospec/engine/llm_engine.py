@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from cospec.decoding.draft_length import DraftLengthPolicy
-from cospec.decoding.eagle3 import Eagle3Head
 from cospec.decoding.eagle3_proposer import Eagle3Proposer
 from cospec.decoding.fusion import fuse_logits_rows
 from cospec.decoding.ngram_model import NgramLM, NgramProposer
-from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer, check_same_vocabulary
+from cospec.decoding.proposers import ModelDraftProposer, PromptLookupProposer
 from cospec.decoding.protocols import Draft, DraftRequest, ForwardItem
 from cospec.decoding.verification import Verified, Window, defer, greedy_tokens, verify, verify_plain_greedy
+from cospec.engine import companions
 from cospec.engine.block_manager import BlockManager, RegionBlockManager
 from cospec.engine.config import EngineConfig, FusionConfig, SpeculativeConfig
 from cospec.engine.head_runner import HeadRunner
@@ -57,10 +57,10 @@ class LLMEngine:
         kv_dtype = next(model.parameters()).dtype
         self.speculative = speculative
         self.fusion = fusion
-        member_models = self._fusion_members(fusion, dtype, tokenizer)
-        draft_model, draft_layers = self._draft_source(speculative, dtype, tokenizer)
+        member_models = companions.fusion_members(model, self.vocab_size, fusion, dtype, tokenizer)
+        draft_model, draft_layers = companions.draft_source(model, speculative, dtype, tokenizer)
         draft_is_member = draft_model is not None and any(draft_model is m for m in member_models)
-        draft_head = self._draft_head(speculative, model_name)
+        draft_head = companions.draft_head(model, speculative, model_name)
         kv_per_token = kv_bytes_per_token(text_config, kv_dtype)
         if draft_head is not None:
             kv_per_token += kv_bytes_per_token(draft_head.config, kv_dtype)
@@ -90,7 +90,7 @@ class LLMEngine:
             if speculative.method == "prompt_lookup":
                 self.proposer = PromptLookupProposer(speculative.max_ngram_size, speculative.min_ngram_size)
             elif speculative.method == "ngram":
-                self.proposer = NgramProposer(self._checked_ngram(speculative.ngram_model))
+                self.proposer = NgramProposer(companions.checked_ngram(speculative.ngram_model, self.vocab_size))
             elif speculative.method == "eagle3":
                 self.proposer = Eagle3Proposer(HeadRunner(draft_head, self.block_manager, num_blocks, kv_dtype,
                                                           config.fast_cpu_linear,
@@ -116,55 +116,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._drafting_seconds = 0.0  # the proposer's time in the current step (not part of the step's measured cost)
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its samples
-
-    def _fusion_members(self, fusion: FusionConfig | None, dtype, tokenizer) -> list:
-        """The group's members as objects: HF models (loaded if given by name, vocabulary checked) or NgramLMs."""
-        if fusion is None:
-            return []
-        members = []
-        for member in fusion.members:
-            if isinstance(member, NgramLM):
-                members.append(self._checked_ngram(member))
-                continue
-            members.append(self._companion_model(member, dtype, tokenizer))
-        return members
-
-    def _draft_source(self, speculative: SpeculativeConfig | None, dtype, tokenizer) -> tuple[nn.Module | None, int | None]:
-        """(model that drafts, number of its layers used) for model-based speculation; (None, None) otherwise."""
-        if speculative is None or speculative.method in ("prompt_lookup", "ngram", "eagle3"):
-            return None, None
-        if speculative.method == "self_spec":
-            return self.model, speculative.self_spec_layers
-        return self._companion_model(speculative.draft_model, dtype, tokenizer), None
-
-    def _draft_head(self, speculative: SpeculativeConfig | None, model_name: str | None) -> Eagle3Head | None:
-        """The EAGLE-3 head of method='eagle3' (loaded if given as a directory or "default"), bound to the target."""
-        if speculative is None or speculative.method != "eagle3":
-            return None
-        if isinstance(speculative.draft_head, Eagle3Head):
-            return speculative.draft_head.bind(self.model)
-        from cospec.decoding.eagle3_checkpoint import load_head
-        from cospec.engine.models import resolve_draft_head
-
-        return load_head(resolve_draft_head(speculative.draft_head, model_name), self.model)
-
-    def _checked_ngram(self, ngram: NgramLM) -> NgramLM:
-        if ngram.vocab_size != self.vocab_size:
-            raise ValueError(f"the n-gram model's vocabulary ({ngram.vocab_size} tokens) differs from the "
-                             f"target's ({self.vocab_size})")
-        return ngram
-
-    def _companion_model(self, model: nn.Module | str, dtype, tokenizer) -> nn.Module:
-        """A draft or fusion member: loaded (beside the target, in its dtype) when given by name or path, and checked
-        to share the target's vocabulary and device."""
-        companion_tokenizer = None
-        if isinstance(model, str):
-            from cospec.engine.models import load_model
-
-            target = next(self.model.parameters())
-            model, companion_tokenizer = load_model(model, dtype=dtype or target.dtype, device=target.device)
-        check_same_vocabulary(self.model, model, tokenizer, companion_tokenizer)
-        return model.eval()
 
     def _num_blocks_for_budget(self, kv_per_token: int) -> int:
         per_block = kv_per_token * self.config.block_size
